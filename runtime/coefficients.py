@@ -1,0 +1,380 @@
+"""The coefficients file: one JSON schema, one loader/validator, one writer.
+
+A coefficients file tells the runtime how to turn the per-step relative L1 change ``x`` of a signal
+(the first block's modulated input, or the timestep embedding) into the predicted relative L1 change
+of the transformer output, ``p(x)``, and which decision settings it was made for. The calibration
+fitter writes through :func:`save_coefficients`, so every file the runtime reads passed the same
+checks.
+
+``coefficients`` are highest power first, as ``numpy.poly1d`` and every published port print them.
+``x_range`` is the x interval the fit saw (cf. ``numpy.polynomial.Polynomial.domain``): the runtime
+evaluates an x outside it at the nearest boundary instead of extrapolating the polynomial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import CoefficientsError, ConfigError
+
+SCHEMA = "teacache-coefficients/1"
+SIGNALS = ("modulated_input", "timestep_embedding")
+PROVENANCE_KINDS = ("published", "calibrated")
+RECIPE_KEYS = ("num_inference_steps", "height", "width", "num_frames", "guidance")
+
+_ENV_DIR = "TEACACHE_COEFFICIENTS_DIR"
+
+
+def coefficients_dir() -> Path:
+    """The folder that names resolve in: ``$TEACACHE_COEFFICIENTS_DIR``, else the checkout's ``coefficients/``."""
+    override = os.environ.get(_ENV_DIR)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "coefficients"
+
+
+def available_names() -> list[str]:
+    """Names of the coefficients files shipped in :func:`coefficients_dir`."""
+    folder = coefficients_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+@dataclass(frozen=True)
+class DecisionDefaults:
+    """Decision settings a file recommends; every one can be overridden at ``from_coefficients``.
+
+    - ``rel_l1_thresh``: skip while the accumulated prediction stays below it (0 never skips).
+    - ``warmup_steps``: leading steps always computed (step 0 is computed in any case).
+    - ``final_steps``: trailing steps always computed (needs the step count, see the runtime).
+    - ``max_consecutive_skips``: cap on skips in a row, ``None`` for no cap.
+    """
+
+    rel_l1_thresh: float
+    warmup_steps: int = 1
+    final_steps: int = 1
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_decision_settings(
+            rel_l1_thresh=self.rel_l1_thresh,
+            warmup_steps=self.warmup_steps,
+            final_steps=self.final_steps,
+            max_consecutive_skips=self.max_consecutive_skips,
+            where="defaults",
+        )
+
+
+def validate_decision_settings(
+    *, rel_l1_thresh: Any, warmup_steps: Any, final_steps: Any, max_consecutive_skips: Any, where: str
+) -> None:
+    """Raise :class:`ConfigError` naming the first decision setting outside its valid range."""
+    if not _is_number(rel_l1_thresh) or not math.isfinite(rel_l1_thresh) or rel_l1_thresh < 0:
+        raise ConfigError(
+            f"{where}: rel_l1_thresh must be a finite number >= 0, got {rel_l1_thresh!r} "
+            "(0 never skips; larger values skip more steps)."
+        )
+    for name, value in (("warmup_steps", warmup_steps), ("final_steps", final_steps)):
+        if not _is_int(value) or value < 0:
+            raise ConfigError(f"{where}: {name} must be an integer >= 0, got {value!r}.")
+    if max_consecutive_skips is not None and (not _is_int(max_consecutive_skips) or max_consecutive_skips < 1):
+        raise ConfigError(
+            f"{where}: max_consecutive_skips must be an integer >= 1 or None (no cap), got {max_consecutive_skips!r}."
+        )
+
+
+@dataclass(frozen=True)
+class ThresholdRow:
+    """One row of the threshold table: the computed fraction the fitter measured by replaying the rule."""
+
+    rel_l1_thresh: float
+    computed_fraction: float
+    computed_fraction_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """A validated coefficients file in memory."""
+
+    model: str
+    transformer_class: str
+    signal: str
+    coefficients: tuple[float, ...]
+    x_range: tuple[float, float] | None
+    defaults: DecisionDefaults
+    provenance: Mapping[str, Any]
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    thresholds: tuple[ThresholdRow, ...] = ()
+    fit: Mapping[str, Any] | None = None
+    origin: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        # Round trip through the validator so an object built in code obeys the same rules as a file.
+        _validate(self.to_dict(), self.origin)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, keys in schema order."""
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "model": self.model,
+            "transformer_class": self.transformer_class,
+            "signal": self.signal,
+            "coefficients": list(self.coefficients),
+            "x_range": list(self.x_range) if self.x_range is not None else None,
+            "recipe": dict(self.recipe),
+            "defaults": dataclasses.asdict(self.defaults),
+        }
+        if self.thresholds:
+            out["thresholds"] = [dataclasses.asdict(row) for row in self.thresholds]
+        if self.fit is not None:
+            out["fit"] = dict(self.fit)
+        out["provenance"] = dict(self.provenance)
+        return out
+
+    def evaluate(self, x: float) -> float:
+        """p(x) in float64 with x clamped to ``x_range`` (the runtime's own evaluation runs on the device)."""
+        if self.x_range is not None:
+            x = min(max(x, self.x_range[0]), self.x_range[1])
+        value = 0.0
+        for c in self.coefficients:
+            value = value * x + c
+        return value
+
+    def threshold_for_speedup(self, speedup: float) -> float:
+        """The smallest tabulated ``rel_l1_thresh`` whose mean computed fraction is at most ``1 / speedup``."""
+        if not _is_number(speedup) or not speedup >= 1.0:
+            raise ConfigError(f"speedup must be a number >= 1 (a ratio of step counts), got {speedup!r}.")
+        if not self.thresholds:
+            raise ConfigError(
+                f"{self.origin} has no threshold table, so speedup= cannot pick a threshold; pass rel_l1_thresh= "
+                "instead, or re-fit with `python -m calibrate.fit`, which writes the table."
+            )
+        target = 1.0 / speedup
+        for row in self.thresholds:
+            if row.computed_fraction <= target:
+                return row.rel_l1_thresh
+        best = min(row.computed_fraction for row in self.thresholds)
+        raise ConfigError(
+            f"{self.origin}: no tabulated threshold reaches speedup {speedup} (the table's best is "
+            f"{1.0 / best:.2f}x); ask for a smaller speedup or pass rel_l1_thresh= directly."
+        )
+
+
+def load_coefficients(source: str | os.PathLike[str]) -> Coefficients:
+    """Load and validate a coefficients file given by name (in :func:`coefficients_dir`) or path."""
+    path = resolve_coefficients(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CoefficientsError(f"cannot read coefficients file {path}: {exc.strerror or exc}.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CoefficientsError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the file or "
+            "re-create it with `python -m calibrate.fit`."
+        ) from None
+    return coefficients_from_dict(data, origin=str(path))
+
+
+def resolve_coefficients(source: str | os.PathLike[str]) -> Path:
+    """A path as given, or the file that a bare name (``qwen_image``) stands for."""
+    text = os.fspath(source)
+    as_path = Path(text)
+    looks_like_path = as_path.suffix == ".json" or os.sep in text or "/" in text
+    if looks_like_path or as_path.is_file():
+        if not as_path.is_file():
+            raise CoefficientsError(f"coefficients file {as_path} does not exist; check the path.")
+        return as_path
+    candidate = coefficients_dir() / f"{text}.json"
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(available_names()) or "none"
+    raise CoefficientsError(
+        f"no coefficients named {text!r} in {coefficients_dir()} (available: {names}); pass one of those "
+        "names or a path to a .json file, or calibrate the model with `python -m calibrate.record` and "
+        "`python -m calibrate.fit`."
+    )
+
+
+def coefficients_from_dict(data: Any, origin: str = "<memory>") -> Coefficients:
+    """Validate a parsed JSON document and build :class:`Coefficients` from it."""
+    _validate(data, origin)
+    thresholds = tuple(ThresholdRow(**row) for row in data.get("thresholds") or ())
+    x_range = data["x_range"]
+    return Coefficients(
+        model=data["model"],
+        transformer_class=data["transformer_class"],
+        signal=data["signal"],
+        coefficients=tuple(float(c) for c in data["coefficients"]),
+        x_range=(float(x_range[0]), float(x_range[1])) if x_range is not None else None,
+        recipe=dict(data.get("recipe") or {}),
+        defaults=DecisionDefaults(**data["defaults"]),
+        thresholds=thresholds,
+        fit=data.get("fit"),
+        provenance=dict(data["provenance"]),
+        origin=origin,
+    )
+
+
+def save_coefficients(coefficients: Coefficients, path: str | os.PathLike[str]) -> Path:
+    """Write ``coefficients`` as JSON atomically (a crash never leaves half a file), and return the path."""
+    path = Path(path)
+    document = coefficients.to_dict()
+    _validate(document, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=1, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+_TOP_LEVEL = {
+    "schema",
+    "model",
+    "transformer_class",
+    "signal",
+    "coefficients",
+    "x_range",
+    "recipe",
+    "defaults",
+    "thresholds",
+    "fit",
+    "provenance",
+}
+_REQUIRED = ("schema", "model", "transformer_class", "signal", "coefficients", "x_range", "defaults", "provenance")
+_DEFAULT_KEYS = {f.name for f in dataclasses.fields(DecisionDefaults)}
+_THRESHOLD_KEYS = {f.name for f in dataclasses.fields(ThresholdRow)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(origin: str, field_name: str, problem: str, fix: str) -> CoefficientsError:
+    return CoefficientsError(f"{origin}: field '{field_name}' {problem}; {fix}.")
+
+
+def _validate(data: Any, origin: str) -> None:
+    refit = "re-create the file with `python -m calibrate.fit`"
+    if not isinstance(data, dict):
+        raise CoefficientsError(f"{origin} must hold a JSON object, not {type(data).__name__}; {refit}.")
+    if "schema" not in data:
+        raise _fail(origin, "schema", "is missing", f"a coefficients file starts with \"schema\": \"{SCHEMA}\"")
+    if data["schema"] != SCHEMA:
+        raise _fail(
+            origin,
+            "schema",
+            f"is {data['schema']!r}, a version this runtime cannot read (it reads {SCHEMA!r})",
+            f"{refit} of this version, or upgrade the runtime",
+        )
+    for key in _REQUIRED:
+        if key not in data:
+            raise _fail(origin, key, "is missing", refit)
+    unknown = sorted(set(data) - _TOP_LEVEL)
+    if unknown:
+        raise _fail(origin, unknown[0], "is not part of the schema", f"remove it (known fields: {sorted(_TOP_LEVEL)})")
+    for key in ("model", "transformer_class"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise _fail(origin, key, f"must be a non-empty string, got {data[key]!r}", refit)
+    if data["signal"] not in SIGNALS:
+        raise _fail(origin, "signal", f"is {data['signal']!r}", f"use one of {list(SIGNALS)}")
+
+    coefficients = data["coefficients"]
+    if (
+        not isinstance(coefficients, list)
+        or not coefficients
+        or not all(_is_number(c) and math.isfinite(c) for c in coefficients)
+    ):
+        raise _fail(
+            origin,
+            "coefficients",
+            f"must be a non-empty list of finite numbers (highest power first), got {coefficients!r}",
+            refit,
+        )
+
+    provenance = data["provenance"]
+    if not isinstance(provenance, dict) or provenance.get("kind") not in PROVENANCE_KINDS:
+        raise _fail(
+            origin, "provenance", "must be an object whose 'kind' is 'published' or 'calibrated'", refit
+        )
+    if provenance["kind"] == "published" and not isinstance(provenance.get("source"), str):
+        raise _fail(origin, "provenance.source", "is missing for a published file", "name where the numbers come from")
+    if provenance["kind"] == "calibrated" and not isinstance(provenance.get("traces"), list):
+        raise _fail(origin, "provenance.traces", "is missing for a calibrated file", refit)
+
+    x_range = data["x_range"]
+    if x_range is None:
+        if provenance["kind"] == "calibrated":
+            raise _fail(origin, "x_range", "is null in a calibrated file", refit)
+    elif (
+        not isinstance(x_range, list)
+        or len(x_range) != 2
+        or not all(_is_number(v) and math.isfinite(v) for v in x_range)
+        or not 0 <= x_range[0] <= x_range[1]
+    ):
+        raise _fail(origin, "x_range", f"must be [low, high] with 0 <= low <= high, got {x_range!r}", refit)
+
+    recipe = data.get("recipe") or {}
+    if not isinstance(recipe, dict):
+        raise _fail(origin, "recipe", f"must be an object, got {recipe!r}", refit)
+    for key in RECIPE_KEYS:
+        value = recipe.get(key)
+        if value is not None and (not _is_number(value) or value < 0):
+            raise _fail(origin, f"recipe.{key}", f"must be a number >= 0 or null, got {value!r}", refit)
+
+    defaults = data["defaults"]
+    if not isinstance(defaults, dict) or "rel_l1_thresh" not in defaults:
+        raise _fail(origin, "defaults", "must be an object with at least rel_l1_thresh", refit)
+    unknown = sorted(set(defaults) - _DEFAULT_KEYS)
+    if unknown:
+        raise _fail(origin, f"defaults.{unknown[0]}", "is not a decision setting", f"use {sorted(_DEFAULT_KEYS)}")
+    try:
+        validate_decision_settings(
+            rel_l1_thresh=defaults["rel_l1_thresh"],
+            warmup_steps=defaults.get("warmup_steps", 1),
+            final_steps=defaults.get("final_steps", 1),
+            max_consecutive_skips=defaults.get("max_consecutive_skips"),
+            where=f"{origin}: defaults",
+        )
+    except ConfigError as exc:
+        raise CoefficientsError(str(exc)) from None
+
+    thresholds = data.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, list):
+            raise _fail(origin, "thresholds", "must be a list of rows", refit)
+        previous = -math.inf
+        for i, row in enumerate(thresholds):
+            if not isinstance(row, dict) or set(row) - _THRESHOLD_KEYS or not {"rel_l1_thresh", "computed_fraction"} <= set(row):
+                raise _fail(origin, f"thresholds[{i}]", f"must have keys {sorted(_THRESHOLD_KEYS)}", refit)
+            thresh, fraction = row["rel_l1_thresh"], row["computed_fraction"]
+            if not (_is_number(thresh) and thresh >= 0 and _is_number(fraction) and 0 <= fraction <= 1):
+                raise _fail(
+                    origin, f"thresholds[{i}]", "needs rel_l1_thresh >= 0 and computed_fraction in [0, 1]", refit
+                )
+            if thresh <= previous:
+                raise _fail(origin, f"thresholds[{i}]", "is out of order (thresholds must increase)", refit)
+            previous = thresh
+
+    fit = data.get("fit")
+    if fit is not None and not isinstance(fit, dict):
+        raise _fail(origin, "fit", f"must be an object, got {fit!r}", refit)

@@ -1,0 +1,119 @@
+"""The skip decision: one rule, used by the runtime hooks on the device and by the fitter's replay.
+
+Per transformer call of one CFG branch, with ``x`` the relative L1 change of the signal against the
+previous call of that branch:
+
+1. Schedule: step 0 and the warm-up steps are computed, so are the final steps when the step count is
+   known, and so is a call after ``max_consecutive_skips`` skips in a row. The accumulator resets to 0.
+2. Otherwise ``p = max(poly(clamp(x, *x_range)), 0)`` and ``acc + p`` is compared to the threshold:
+   below it the call is skipped and the accumulator keeps the sum; at or above it (or when ``x`` or
+   the sum is not finite) the call is computed and the accumulator resets to 0.
+
+Clamping x to the fitted range evaluates the polynomial at the nearest boundary instead of
+extrapolating it, and clamping p at 0 means a polynomial that dips below zero can never make the
+accumulator run backwards. The tensor parts are elementwise, so :func:`replay` runs the same code on
+a batch of recorded trajectories at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .coefficients import validate_decision_settings
+
+# Reasons a call was computed or skipped, as they appear in ``TeaCache.stats``.
+FIRST, WARMUP, FINAL, MAX_SKIPS, SHAPE_CHANGE = "first", "warmup", "final", "max_skips", "shape_change"
+THRESHOLD, NONFINITE, SKIPPED = "threshold", "nonfinite", "skipped"
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """The polynomial and the decision settings; :meth:`__post_init__` rejects nonsense settings."""
+
+    coefficients: tuple[float, ...]
+    x_range: tuple[float, float] | None
+    rel_l1_thresh: float
+    warmup_steps: int = 1
+    final_steps: int = 1
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_decision_settings(
+            rel_l1_thresh=self.rel_l1_thresh,
+            warmup_steps=self.warmup_steps,
+            final_steps=self.final_steps,
+            max_consecutive_skips=self.max_consecutive_skips,
+            where="TeaCache",
+        )
+
+    # ---------------------------------------------------------------- host side: the schedule
+    def scheduled_reason(self, step: int, num_steps: int | None) -> str | None:
+        """Why this step must be computed whatever x says, or None; ``num_steps`` None disables final steps."""
+        if step == 0:
+            return FIRST
+        if step < self.warmup_steps:
+            return WARMUP
+        if num_steps is not None and step >= num_steps - self.final_steps:
+            return FINAL
+        return None
+
+    def cap_reached(self, consecutive_skips: int | torch.Tensor) -> bool | torch.Tensor:
+        """Whether the cap on consecutive skips forces this call to compute (elementwise on tensors)."""
+        if self.max_consecutive_skips is None:
+            if isinstance(consecutive_skips, torch.Tensor):
+                return torch.zeros_like(consecutive_skips, dtype=torch.bool)
+            return False
+        return consecutive_skips >= self.max_consecutive_skips
+
+    # -------------------------------------------------------------- device side: the polynomial
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """p(x) >= 0, with x clamped to the fitted range; NaN stays NaN (and then forces a compute)."""
+        if self.x_range is not None:
+            x = x.clamp(self.x_range[0], self.x_range[1])
+        value = torch.full_like(x, self.coefficients[0])
+        for c in self.coefficients[1:]:
+            value = value * x + c
+        return value.clamp_min(0.0)
+
+    def accumulate(
+        self, x: torch.Tensor, acc: torch.Tensor, forced: bool | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decision, elementwise: returns ``(p, acc_candidate, skip, acc_next)``.
+
+        ``acc_candidate = acc + p`` is what the threshold was compared to; ``acc_next`` is the
+        accumulator carried to the next call (the candidate when skipping, else 0).
+        """
+        p = self.predict(x)
+        candidate = acc + p
+        skip = (candidate < self.rel_l1_thresh) & torch.isfinite(x) & torch.isfinite(candidate)
+        if isinstance(forced, torch.Tensor):
+            skip = skip & ~forced
+        elif forced:
+            skip = torch.zeros_like(skip)
+        acc_next = torch.where(skip, candidate, torch.zeros_like(candidate))
+        return p, candidate, skip, acc_next
+
+
+def replay(rule: DecisionRule, x: torch.Tensor) -> torch.Tensor:
+    """Replay the runtime's decisions on recorded trajectories.
+
+    ``x`` is ``[trajectories, steps]`` (one CFG branch each; NaN where no previous step exists). The
+    step count is known, as in a pipeline. Returns a bool tensor, True where the call is computed.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"replay expects x of shape [trajectories, steps], got {tuple(x.shape)}")
+    n_traj, n_steps = x.shape
+    x = x.to(torch.float32)
+    acc = torch.zeros(n_traj, dtype=torch.float32)
+    consecutive = torch.zeros(n_traj, dtype=torch.int64)
+    computed = torch.zeros(n_traj, n_steps, dtype=torch.bool)
+    for step in range(n_steps):
+        forced = rule.cap_reached(consecutive)
+        if rule.scheduled_reason(step, n_steps) is not None:
+            forced = torch.ones_like(forced)
+        _, _, skip, acc = rule.accumulate(x[:, step], acc, forced)
+        computed[:, step] = ~skip
+        consecutive = torch.where(skip, consecutive + 1, torch.zeros_like(consecutive))
+    return computed

@@ -1,0 +1,192 @@
+"""The coefficients file: shipped files, the validator's errors, and the writer's round trip."""
+
+import json
+
+import pytest
+
+from runtime import (
+    SCHEMA,
+    Coefficients,
+    CoefficientsError,
+    ConfigError,
+    DecisionDefaults,
+    TeaCache,
+    ThresholdRow,
+    available_names,
+    coefficients_from_dict,
+    load_coefficients,
+    save_coefficients,
+    supported_classes,
+)
+
+PUBLISHED_SUPPORTED = {
+    "flux",
+    "flux_kontext",
+    "wan2_1_t2v_1_3b",
+    "wan2_1_t2v_14b",
+    "wan2_1_i2v_480p",
+    "wan2_1_i2v_720p",
+    "qwen_image",
+    "qwen_image_mlx",
+}
+
+
+def valid_document(**changes):
+    doc = {
+        "schema": SCHEMA,
+        "model": "toy",
+        "transformer_class": "QwenImageTransformer2DModel",
+        "signal": "modulated_input",
+        "coefficients": [2.0, 0.5, 0.0],
+        "x_range": [0.01, 0.3],
+        "recipe": {"num_inference_steps": 8, "height": 32, "width": 32, "num_frames": None, "guidance": 4.0},
+        "defaults": {"rel_l1_thresh": 0.2, "warmup_steps": 1, "final_steps": 1, "max_consecutive_skips": None},
+        "thresholds": [
+            {"rel_l1_thresh": 0.1, "computed_fraction": 0.8, "computed_fraction_std": 0.05},
+            {"rel_l1_thresh": 0.3, "computed_fraction": 0.5, "computed_fraction_std": 0.05},
+        ],
+        "provenance": {"kind": "calibrated", "traces": ["t.h5"], "tool_version": "0"},
+    }
+    doc.update(changes)
+    return doc
+
+
+def write(tmp_path, doc, name="c.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return path
+
+
+def test_every_supported_published_model_ships_as_published():
+    assert PUBLISHED_SUPPORTED <= set(available_names())
+    for name in available_names():
+        c = load_coefficients(name)
+        assert c.model == name
+        assert c.transformer_class in supported_classes()
+        if name in PUBLISHED_SUPPORTED:
+            assert c.provenance["kind"] == "published"
+            assert c.provenance["source"]
+            assert len(c.coefficients) == 5
+
+
+def test_published_numbers_are_untouched():
+    shared = json.loads(open("../shared/published_coefficients.json").read()) if __import__("os").path.exists(
+        "../shared/published_coefficients.json"
+    ) else None
+    if shared is None:
+        pytest.skip("../shared/published_coefficients.json is not beside this checkout")
+    by_name = {m["name"]: m for m in shared["models"]}
+    for name in PUBLISHED_SUPPORTED:
+        assert list(load_coefficients(name).coefficients) == by_name[name]["coefficients"]
+
+
+def test_round_trip(tmp_path):
+    c = coefficients_from_dict(valid_document(), origin="doc")
+    path = save_coefficients(c, tmp_path / "sub" / "rt.json")
+    again = load_coefficients(path)
+    assert again.to_dict() == c.to_dict()
+    assert again.thresholds == (ThresholdRow(0.1, 0.8, 0.05), ThresholdRow(0.3, 0.5, 0.05))
+
+
+def test_evaluate_clamps_to_x_range():
+    c = coefficients_from_dict(valid_document())
+    assert c.evaluate(0.2) == pytest.approx(2 * 0.04 + 0.1)
+    assert c.evaluate(5.0) == c.evaluate(0.3)
+    assert c.evaluate(0.0) == c.evaluate(0.01)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = write(tmp_path, '{"schema": "teacache-coefficients/1",\n "model": }')
+    with pytest.raises(CoefficientsError, match=r"c\.json is not valid JSON \(line 2"):
+        load_coefficients(path)
+
+
+def test_unknown_schema_version(tmp_path):
+    path = write(tmp_path, valid_document(schema="teacache-coefficients/9"))
+    with pytest.raises(CoefficientsError, match=r"field 'schema' is 'teacache-coefficients/9'.*reads 'teacache-coefficients/1'"):
+        load_coefficients(path)
+
+
+def test_missing_schema(tmp_path):
+    doc = valid_document()
+    del doc["schema"]
+    with pytest.raises(CoefficientsError, match="field 'schema' is missing"):
+        load_coefficients(write(tmp_path, doc))
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"coefficients": []}, "coefficients"),
+        ({"coefficients": [1.0, "a"]}, "coefficients"),
+        ({"signal": "latent"}, "signal"),
+        ({"x_range": [0.3, 0.1]}, "x_range"),
+        ({"x_range": None}, "x_range"),
+        ({"defaults": {"rel_l1_thresh": -0.1}}, "rel_l1_thresh"),
+        ({"defaults": {"rel_l1_thresh": 0.1, "warmup": 2}}, "defaults.warmup"),
+        ({"defaults": {"rel_l1_thresh": 0.1, "max_consecutive_skips": 0}}, "max_consecutive_skips"),
+        ({"thresholds": [{"rel_l1_thresh": 0.3, "computed_fraction": 0.5}, {"rel_l1_thresh": 0.1, "computed_fraction": 0.8}]}, r"thresholds\[1\]"),
+        ({"provenance": {"kind": "guessed"}}, "provenance"),
+        ({"recipe": {"num_inference_steps": -3}}, "recipe.num_inference_steps"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_each_bad_field_is_named(tmp_path, changes, field):
+    path = write(tmp_path, valid_document(**changes))
+    with pytest.raises(CoefficientsError, match=field) as info:
+        load_coefficients(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(CoefficientsError, match=r"no coefficients named 'nope'.*available: .*qwen_image"):
+        load_coefficients("nope")
+
+
+def test_missing_path():
+    with pytest.raises(CoefficientsError, match="does not exist"):
+        load_coefficients("/no/such/file.json")
+
+
+def test_negative_threshold_override_is_refused():
+    with pytest.raises(ConfigError, match=r"rel_l1_thresh must be a finite number >= 0, got -0\.1"):
+        TeaCache.from_coefficients("qwen_image", rel_l1_thresh=-0.1)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"final_steps": 1.5}, "final_steps"),
+        ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
+        ({"warmpu_steps": 2}, "unknown TeaCache setting 'warmpu_steps'"),
+    ],
+)
+def test_nonsense_settings_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        TeaCache.from_coefficients("qwen_image", **overrides)
+
+
+def test_speedup_picks_threshold_from_table(tmp_path):
+    path = write(tmp_path, valid_document())
+    assert TeaCache.from_coefficients(path, speedup=1.25).rel_l1_thresh == 0.1
+    assert TeaCache.from_coefficients(path, speedup=1.8).rel_l1_thresh == 0.3
+    with pytest.raises(ConfigError, match="no tabulated threshold reaches speedup 3"):
+        TeaCache.from_coefficients(path, speedup=3)
+    with pytest.raises(ConfigError, match="has no threshold table"):
+        TeaCache.from_coefficients("qwen_image", speedup=1.5)
+    with pytest.raises(ConfigError, match="not both"):
+        TeaCache.from_coefficients(path, speedup=1.5, rel_l1_thresh=0.1)
+
+
+def test_object_built_in_code_is_validated():
+    with pytest.raises(CoefficientsError, match="x_range"):
+        Coefficients(
+            model="m",
+            transformer_class="FluxTransformer2DModel",
+            signal="modulated_input",
+            coefficients=(1.0, 0.0),
+            x_range=None,
+            defaults=DecisionDefaults(rel_l1_thresh=0.1),
+            provenance={"kind": "calibrated", "traces": []},
+        )

@@ -1,0 +1,102 @@
+"""The decision rule, checked against a plain-Python reading of its documented behaviour."""
+
+import math
+
+import pytest
+import torch
+
+from runtime import ConfigError, DecisionRule, replay
+
+
+def naive(rule: DecisionRule, xs: list[float]) -> list[bool]:
+    """The rule as the docs state it, one trajectory, floats only; True = computed."""
+    computed, acc, run = [], 0.0, 0
+    n = len(xs)
+    for step, x in enumerate(xs):
+        forced = step == 0 or step < rule.warmup_steps or step >= n - rule.final_steps
+        forced |= rule.max_consecutive_skips is not None and run >= rule.max_consecutive_skips
+        xc = x if rule.x_range is None or math.isnan(x) else min(max(x, rule.x_range[0]), rule.x_range[1])
+        p = 0.0
+        for c in rule.coefficients:
+            p = p * xc + c
+        p = max(p, 0.0) if not math.isnan(p) else p
+        candidate = acc + p
+        skip = not forced and math.isfinite(x) and math.isfinite(candidate) and candidate < rule.rel_l1_thresh
+        acc = candidate if skip else 0.0
+        run = run + 1 if skip else 0
+        computed.append(not skip)
+    return computed
+
+
+RULES = [
+    DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.3),
+    DecisionRule(coefficients=(-450.0, 280.0, -45.0, 3.2, -0.02), x_range=None, rel_l1_thresh=0.4),
+    DecisionRule(coefficients=(50.0, -5.0, 0.1), x_range=(0.02, 0.2), rel_l1_thresh=0.5, warmup_steps=3),
+    DecisionRule(coefficients=(2.0, 0.0), x_range=(0.0, 1.0), rel_l1_thresh=1.0, final_steps=2, max_consecutive_skips=2),
+]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_replay_matches_documented_rule(rule):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 20, generator=gen) * 0.3
+    x[:, 0] = float("nan")
+    x[3, 7] = float("nan")
+    x[5, 9] = float("inf")
+    computed = replay(rule, x)
+    for i in range(x.shape[0]):
+        assert computed[i].tolist() == naive(rule, x[i].tolist()), f"trajectory {i}"
+    assert (~computed).any(), "the case should exercise skipping"
+
+
+def test_threshold_zero_never_skips():
+    rule = DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.0)
+    x = torch.zeros(4, 10)
+    assert replay(rule, x).all()
+
+
+def test_negative_polynomial_never_lowers_the_accumulator():
+    rule = DecisionRule(coefficients=(-10.0, 0.0), x_range=None, rel_l1_thresh=0.05)
+    x = torch.tensor([0.01, 0.02, 0.5])
+    p, candidate, skip, acc = rule.accumulate(x, torch.full((3,), 0.04), forced=False)
+    assert (p == 0).all()
+    assert torch.equal(candidate, torch.full((3,), 0.04))
+    # Upstream adds p raw: 0.04 - 5 would let a later large change slip under the threshold.
+
+
+def test_x_outside_range_is_evaluated_at_the_boundary():
+    rule = DecisionRule(coefficients=(1.0, 0.0, 0.0), x_range=(0.1, 0.2), rel_l1_thresh=1.0)
+    values = rule.predict(torch.tensor([0.0, 0.1, 0.15, 0.2, 10.0]))
+    assert values.tolist() == pytest.approx([0.01, 0.01, 0.0225, 0.04, 0.04])
+
+
+def test_nonfinite_x_forces_a_compute_and_resets():
+    rule = DecisionRule(coefficients=(0.0,), x_range=(0.0, 1.0), rel_l1_thresh=1.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        _, _, skip, acc = rule.accumulate(torch.tensor(bad), torch.tensor(0.5), forced=False)
+        assert not skip and acc == 0
+
+
+def test_cap_on_consecutive_skips():
+    rule = DecisionRule(coefficients=(0.0,), x_range=None, rel_l1_thresh=1.0, final_steps=0, max_consecutive_skips=2)
+    computed = replay(rule, torch.zeros(1, 9))[0].tolist()
+    assert computed == [True, False, False, True, False, False, True, False, False]
+
+
+def test_warmup_and_final_steps():
+    rule = DecisionRule(coefficients=(0.0,), x_range=None, rel_l1_thresh=1.0, warmup_steps=3, final_steps=2)
+    assert replay(rule, torch.zeros(1, 8))[0].tolist() == [True, True, True, False, False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"rel_l1_thresh": -1.0}, "rel_l1_thresh"),
+        ({"rel_l1_thresh": float("nan")}, "rel_l1_thresh"),
+        ({"rel_l1_thresh": 0.1, "warmup_steps": -2}, "warmup_steps"),
+        ({"rel_l1_thresh": 0.1, "max_consecutive_skips": 0}, "max_consecutive_skips"),
+    ],
+)
+def test_rule_rejects_nonsense(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        DecisionRule(coefficients=(1.0,), x_range=None, **kwargs)

@@ -1,0 +1,276 @@
+"""The runtime on tiny random-init configs of the real diffusers pipelines (never mocks)."""
+
+import pytest
+import torch
+from torch import nn
+
+from calibrate.tiny import TINY_FAMILIES, TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
+from runtime import (
+    BlockCall,
+    Coefficients,
+    DecisionDefaults,
+    TeaCache,
+    TeaCacheError,
+    UnsupportedModelError,
+    adapter_for,
+    rel_l1,
+)
+
+CLASSES = {
+    "qwen_image": "QwenImageTransformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+}
+SIGNALS = ("modulated_input", "timestep_embedding")
+
+
+@pytest.fixture(scope="session")
+def pipes():
+    return {family: build_tiny_pipeline(family) for family in TINY_FAMILIES}
+
+
+def coefficients(family, signal="modulated_input", thresh=0.0, **defaults):
+    """p(x) = x: the accumulator sums the raw signal change."""
+    return Coefficients(
+        model=f"test_{family}",
+        transformer_class=CLASSES[family],
+        signal=signal,
+        coefficients=(1.0, 0.0),
+        x_range=None,
+        defaults=DecisionDefaults(rel_l1_thresh=thresh, **defaults),
+        provenance={"kind": "published", "source": "tests"},
+    )
+
+
+def generate(pipe, family, prompt="a red fox in the snow", seed=0):
+    kwargs = {**TINY_RECIPES[family], **tiny_prompt_embeds(pipe, family, prompt, negative_prompt="")}
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="np")[0]
+
+
+def last_block_compute_probe(pipe):
+    """Counts, per branch, the calls in which the last block really computes.
+
+    A forward hook on the last block's attention (which runs only when the block computes), and a
+    pre-hook on the transformer that notes the call's position: the pipelines call "cond" then
+    "uncond" at every step.
+    """
+    transformer = pipe.transformer
+    last_block = adapter_for(transformer).blocks(transformer)[-1][1]
+    attention = next(m for name, m in last_block.named_children() if name.startswith("attn"))
+    calls, counts = [0], {"cond": 0, "uncond": 0}
+
+    def on_call(module, args):
+        calls[0] += 1
+
+    def on_attention(module, args, output):
+        counts["cond" if calls[0] % 2 == 1 else "uncond"] += 1
+
+    handles = [transformer.register_forward_pre_hook(on_call), attention.register_forward_hook(on_attention)]
+    return counts, handles
+
+
+@pytest.mark.parametrize("signal", SIGNALS)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_threshold_zero_is_bit_identical_and_remove_restores(pipes, family, signal):
+    pipe = pipes[family]
+    reference = generate(pipe, family)
+    with TeaCache.from_coefficients(coefficients(family, signal), rel_l1_thresh=0.0).apply(pipe) as cache:
+        cached = generate(pipe, family)
+        steps = TINY_RECIPES[family]["num_inference_steps"]
+        assert {b: (s.computed, s.skipped) for b, s in cache.stats.items()} == {
+            "cond": (steps, 0),
+            "uncond": (steps, 0),
+        }
+    assert torch.equal(torch.from_numpy(cached), torch.from_numpy(reference))
+    after = generate(pipe, family)
+    assert torch.equal(torch.from_numpy(after), torch.from_numpy(reference))
+    for _, block in adapter_for(pipe.transformer).blocks(pipe.transformer):
+        assert not hasattr(block, "_diffusers_hook"), "remove() must leave no registry behind"
+        assert "forward" not in vars(block), "remove() must leave no forward wrapper behind"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_high_threshold_skips_and_stats_match_an_independent_count(pipes, family):
+    pipe = pipes[family]
+    steps = TINY_RECIPES[family]["num_inference_steps"]
+    reference = generate(pipe, family)
+    counts, handles = last_block_compute_probe(pipe)
+    try:
+        with TeaCache.from_coefficients(coefficients(family), rel_l1_thresh=0.5).apply(pipe) as cache:
+            cached = generate(pipe, family)
+            stats = cache.stats
+    finally:
+        for handle in handles:
+            handle.remove()
+    for branch in ("cond", "uncond"):
+        assert stats[branch].computed == counts[branch]
+        assert stats[branch].computed + stats[branch].skipped == steps
+        assert stats[branch].computed < steps
+        trace = stats[branch].trace
+        assert [r.step for r in trace] == list(range(steps))
+        assert trace[0].reason == "first" and trace[-1].reason == "final"
+        assert trace[0].computed and trace[-1].computed
+    assert not torch.equal(torch.from_numpy(cached), torch.from_numpy(reference))
+    assert float(abs(cached - reference).max()) < 0.5  # a cached residual, not garbage
+
+
+@pytest.mark.parametrize("signal", SIGNALS)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_cfg_branches_decide_independently(pipes, family, signal):
+    """Each branch's x is its own signal against its own previous step.
+
+    The block-0 inputs are captured by a plain torch pre-hook (which also fires on skipped calls),
+    and the expected x is recomputed per branch. Had the branches shared state, the uncond x would
+    be measured against the cond call just before it, which this test shows to differ.
+    """
+    pipe = pipes[family]
+    transformer = pipe.transformer
+    adapter = adapter_for(transformer)
+    head = adapter.blocks(transformer)[0][1]
+    signals = []
+    if signal == "modulated_input":
+        hook = head.register_forward_pre_hook(
+            lambda m, args, kwargs: signals.append(adapter.modulated_input(BlockCall(m, args, kwargs)).detach()),
+            with_kwargs=True,
+        )
+    else:
+        hook = adapter.timestep_module(transformer).register_forward_hook(
+            lambda m, args, output: signals.append(adapter.timestep_output(output).detach())
+        )
+    try:
+        with TeaCache.from_coefficients(coefficients(family, signal), rel_l1_thresh=0.5).apply(pipe) as cache:
+            generate(pipe, family)
+            stats = cache.stats
+    finally:
+        hook.remove()
+    per_branch = {"cond": signals[0::2], "uncond": signals[1::2]}
+    for branch, seq in per_branch.items():
+        expected = [float("nan")] + [rel_l1(seq[t], seq[t - 1]).item() for t in range(1, len(seq))]
+        got = [r.x for r in stats[branch].trace]
+        assert got == pytest.approx(expected, nan_ok=True, rel=1e-5)
+    shared = [rel_l1(signals[i], signals[i - 1]).item() for i in range(1, len(signals), 2)]
+    own = [r.x for r in stats["uncond"].trace]
+    assert shared != pytest.approx(own, nan_ok=True, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_state_resets_between_generations(pipes, family):
+    pipe = pipes[family]
+    with TeaCache.from_coefficients(coefficients(family), rel_l1_thresh=0.5).apply(pipe) as cache:
+        first = generate(pipe, family)
+        first_trace = [(r.computed, r.reason) for r in cache.stats["cond"].trace]
+        second = generate(pipe, family)
+        stats = cache.stats["cond"]
+    assert torch.equal(torch.from_numpy(first), torch.from_numpy(second))
+    assert [(r.computed, r.reason) for r in stats.trace] == first_trace
+    assert stats.calls == 2 * TINY_RECIPES[family]["num_inference_steps"]
+
+
+def test_cap_on_consecutive_skips_in_a_pipeline(pipes):
+    pipe = pipes["qwen_image"]
+    cache = TeaCache.from_coefficients(coefficients("qwen_image"), rel_l1_thresh=10.0, max_consecutive_skips=2)
+    with cache.apply(pipe):
+        generate(pipe, "qwen_image")
+    decisions = [r.computed for r in cache.stats["cond"].trace]
+    assert decisions == [True, False, False, True, False, False, True, True]
+    assert [r.reason for r in cache.stats["cond"].trace][3] == "max_skips"
+
+
+def test_bare_transformer_needs_a_context_and_counts_steps(pipes):
+    pipe = pipes["flux"]
+    transformer = pipe.transformer
+    captured = {}
+    hook = transformer.register_forward_pre_hook(
+        lambda m, a, k: captured.setdefault("kwargs", k) and None, with_kwargs=True
+    )
+    generate(pipe, "flux")
+    hook.remove()
+    kwargs = captured["kwargs"]
+    cache = TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=10.0).apply(
+        transformer, num_inference_steps=3
+    )
+    try:
+        with pytest.raises(TeaCacheError, match="outside a cache context.*cache_context\\('cond'\\)"):
+            transformer(**kwargs)
+        with torch.no_grad(), transformer.cache_context("cond"):
+            outputs = [transformer(**kwargs)[0] for _ in range(3)]
+        assert [r.reason for r in cache.stats["cond"].trace] == ["first", "skipped", "final"]
+        # A skip on an unchanged input rebuilds the output from the residual (up to float rounding).
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+        cache.reset()
+        with torch.no_grad(), transformer.cache_context("cond"):
+            transformer(**kwargs)
+        assert cache.stats["cond"].trace[-1].reason == "first"
+    finally:
+        cache.remove()
+
+
+def test_coefficients_of_another_class_are_refused(pipes):
+    cache = TeaCache.from_coefficients("qwen_image")
+    with pytest.raises(UnsupportedModelError, match=r"qwen_image\.json holds coefficients for QwenImageTransformer2DModel, but apply\(\) got a FluxTransformer2DModel; use one made for it \(flux"):
+        cache.apply(pipes["flux"])
+
+
+def test_unsupported_transformer_is_refused():
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+    )
+    doc = coefficients("flux").to_dict()
+    doc["transformer_class"] = "SD3Transformer2DModel"
+    from runtime import coefficients_from_dict
+
+    cache = TeaCache.from_coefficients(coefficients_from_dict(doc))
+    with pytest.raises(UnsupportedModelError, match="no adapter for SD3Transformer2DModel; supported transformer classes: Flux"):
+        cache.apply(sd3)
+    with pytest.raises(UnsupportedModelError, match="takes a diffusers pipeline"):
+        cache.apply(object())
+
+
+def test_double_apply_and_foreign_cache_are_refused(pipes):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = pipes["wan"]
+    first = TeaCache.from_coefficients("wan2_1_t2v_1_3b").apply(pipe)
+    try:
+        with pytest.raises(TeaCacheError, match="already applied to this WanTransformer3DModel"):
+            TeaCache.from_coefficients("wan2_1_t2v_1_3b").apply(pipe)
+        with pytest.raises(TeaCacheError, match="this TeaCache is already applied"):
+            first.apply(pipe)
+    finally:
+        first.remove()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    try:
+        with pytest.raises(UnsupportedModelError, match="FirstBlockCacheConfig.*disable_cache"):
+            TeaCache.from_coefficients("wan2_1_t2v_1_3b").apply(pipe)
+    finally:
+        pipe.transformer.disable_cache()
+
+
+@pytest.mark.parametrize("name", ["qwen_image", "flux", "wan2_1_t2v_1_3b"])
+def test_published_files_drive_their_pipelines(pipes, name):
+    family = {"qwen_image": "qwen_image", "flux": "flux", "wan2_1_t2v_1_3b": "wan"}[name]
+    pipe = pipes[family]
+    with TeaCache.from_coefficients(name).apply(pipe) as cache:
+        out = generate(pipe, family)
+    assert out.shape == generate(pipe, family).shape
+    assert set(cache.stats) == {"cond", "uncond"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_on_cuda(family):
+    pipe = build_tiny_pipeline(family).to("cuda")
+    reference = generate(pipe, family)
+    with TeaCache.from_coefficients(coefficients(family), rel_l1_thresh=0.0).apply(pipe):
+        assert (generate(pipe, family) == reference).all()
+    with TeaCache.from_coefficients(coefficients(family), rel_l1_thresh=0.5).apply(pipe) as cache:
+        generate(pipe, family)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        generate(pipe, family)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before, "no memory growth across generations"
+    assert cache.stats["cond"].skipped > 0
