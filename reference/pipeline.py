@@ -69,11 +69,11 @@ def load_reference_pipeline(
     path = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
     _check_weights(path)
     pipe = QwenImagePipeline.from_pretrained(
-        path, text_encoder=None, tokenizer=None, torch_dtype=dtype, local_files_only=True
+        path, text_encoder=None, tokenizer=None, dtype=dtype, local_files_only=True
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    encoder = PromptEncoder.from_pretrained(path / "prompt_encoder", torch_dtype=dtype, local_files_only=True)
+    encoder = PromptEncoder.from_pretrained(path / "prompt_encoder", dtype=dtype, local_files_only=True)
     encoder.to(device).eval()
     return pipe, encoder
 

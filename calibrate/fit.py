@@ -1,0 +1,323 @@
+"""``python -m calibrate.fit traces=<file or glob> out=<json>``: traces in, a validated coefficients file out.
+
+With no arguments it fits what ``python -m calibrate.record`` with no arguments wrote. Steps:
+
+1. read the trace files (shards), check they agree, drop non-finite points and say how many;
+2. split by prompt (never by point) into training and held-out prompts;
+3. fit both candidate signals (``x``: modulated input, ``x_temb``: timestep embedding) with the robust
+   monotone method and with the plain least-squares method, and keep the signal whose robust fit
+   predicts ``y`` better on held-out prompts; fit each CFG branch on its own too, for the report;
+4. replay the runtime's decision rule (``runtime.replay``) on every trajectory over a grid of
+   thresholds: the threshold table, and the default threshold (the smallest one whose mean computed
+   fraction reaches ``1 / default_speedup``);
+5. write the coefficients file through the runtime's schema, and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from runtime import Coefficients, DecisionDefaults, DecisionRule, ThresholdRow, replay, save_coefficients
+from runtime.errors import TeaCacheError
+
+from .fitting import METHODS, FitError, PolyFit, fit_polynomial, heldout_prompts, r_squared, threshold_grid
+from .traces import TraceSet, file_digest, library_versions, load_traces
+
+log = logging.getLogger(__name__)
+
+SIGNAL_FIELDS = {"modulated_input": "x", "timestep_embedding": "x_temb"}
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    degree: int = 4
+    method: str = "robust"
+    signal: str = "auto"
+    heldout_fraction: float = 0.25
+    default_speedup: float = 1.5
+    warmup_steps: int = 1
+    final_steps: int = 1
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FitError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
+        if self.signal != "auto" and self.signal not in SIGNAL_FIELDS:
+            raise FitError(f"signal={self.signal!r} is not one of auto, {', '.join(SIGNAL_FIELDS)}.")
+        if not isinstance(self.default_speedup, (int, float)) or self.default_speedup < 1:
+            raise FitError(f"default_speedup must be a number >= 1, got {self.default_speedup!r}.")
+        self.rule(0.0)  # the decision settings are checked by the runtime's own rule
+
+    def rule(self, rel_l1_thresh: float, fit: PolyFit | None = None) -> DecisionRule:
+        return DecisionRule(
+            coefficients=fit.coefficients if fit else (0.0,),
+            x_range=fit.x_range if fit else None,
+            rel_l1_thresh=rel_l1_thresh,
+            warmup_steps=self.warmup_steps,
+            final_steps=self.final_steps,
+            max_consecutive_skips=self.max_consecutive_skips,
+        )
+
+
+@dataclass
+class Points:
+    """Finite (x, y) points of one signal, with the prompt and branch of each."""
+
+    x: np.ndarray
+    y: np.ndarray
+    heldout: np.ndarray
+    branch: np.ndarray
+    dropped: int
+    dropped_first_steps: int
+
+    @classmethod
+    def gather(cls, traces: TraceSet, field: str, heldout: set[str]) -> "Points":
+        xs, ys, held, branches = [], [], [], []
+        for t in traces.trajectories:
+            xs.append(t.data[field])
+            ys.append(t.data["y"])
+            held.append(np.full(len(t.data["y"]), t.prompt in heldout))
+            branches.append(np.full(len(t.data["y"]), t.branch))
+        x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
+        steps = np.concatenate([t.data["step"] for t in traces.trajectories])
+        finite = np.isfinite(x) & np.isfinite(y)
+        return cls(
+            x=x[finite],
+            y=y[finite],
+            heldout=np.concatenate(held)[finite],
+            branch=np.concatenate(branches)[finite],
+            dropped=int((~finite).sum()),
+            dropped_first_steps=int((~finite & (steps == 0)).sum()),
+        )
+
+    def select(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[mask], self.y[mask]
+
+
+def _scores(fit: PolyFit, points: Points, mask: np.ndarray | None = None) -> dict[str, float]:
+    base = np.ones_like(points.heldout) if mask is None else mask
+    train, held = base & ~points.heldout, base & points.heldout
+    return {
+        "r2": r_squared(points.y[train], fit.predict(points.x[train])),
+        "r2_heldout": r_squared(points.y[held], fit.predict(points.x[held])),
+    }
+
+
+def _fit_signal(points: Points, settings: FitSettings) -> dict[str, Any]:
+    train = ~points.heldout
+    if train.sum() <= settings.degree or points.heldout.sum() == 0:
+        raise FitError(
+            f"{int(train.sum())} training and {int(points.heldout.sum())} held-out finite points are too few for a "
+            f"degree-{settings.degree} fit; record more prompts (raise limit=) or check the traces for NaN."
+        )
+    chosen = fit_polynomial(*points.select(train), degree=settings.degree, method=settings.method)
+    plain = fit_polynomial(*points.select(train), degree=settings.degree, method="plain")
+    robust = chosen if settings.method == "robust" else fit_polynomial(*points.select(train), settings.degree, "robust")
+    return {"fit": chosen, "plain": plain, "robust": robust, "points": points}
+
+
+def threshold_table(
+    traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings
+) -> tuple[list[ThresholdRow], list[float]]:
+    """Replay the runtime's rule on every trajectory over a grid of thresholds.
+
+    Returns the rows (mean and spread over prompts of the computed fraction) and the grid.
+    """
+    by_length: dict[int, list] = {}
+    for t in traces.trajectories:
+        by_length.setdefault(len(t.data[field]), []).append(t)
+    p_steps, p_totals = [], []
+    for length, group in by_length.items():
+        x = np.stack([t.data[field] for t in group]).astype(np.float64)
+        p = fit.predict(np.where(np.isfinite(x), x, fit.x_range[0]))
+        p[:, : max(1, settings.warmup_steps)] = 0.0
+        p_steps.append(p[:, 1:].ravel())
+        p_totals.append(p.sum(axis=1))
+    grid = threshold_grid(np.concatenate(p_steps), np.concatenate(p_totals))
+
+    rows = []
+    for thresh in grid:
+        rule = settings.rule(thresh, fit)
+        per_prompt: dict[str, list[float]] = {}
+        for length, group in by_length.items():
+            x = torch.from_numpy(np.stack([t.data[field] for t in group]).astype(np.float32))
+            fractions = replay(rule, x).float().mean(dim=1).tolist()
+            for t, fraction in zip(group, fractions):
+                per_prompt.setdefault(t.prompt, []).append(fraction)
+        means = np.array([np.mean(v) for v in per_prompt.values()])
+        rows.append(ThresholdRow(thresh, round(float(means.mean()), 4), round(float(means.std()), 4)))
+    return rows, grid
+
+
+def default_threshold(rows: list[ThresholdRow], speedup: float) -> float:
+    """The smallest threshold whose mean computed fraction is at most 1/speedup, else the largest."""
+    for row in rows:
+        if row.computed_fraction <= 1.0 / speedup:
+            return row.rel_l1_thresh
+    return rows[-1].rel_l1_thresh
+
+
+def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, dict[str, Any]]:
+    """The whole fit, as a pure function of the traces; returns the coefficients and what the plot needs."""
+    traces.trajectories.sort(key=lambda t: t.name)  # shards in any order give the same fit
+    heldout = heldout_prompts([t.prompt for t in traces.trajectories], settings.heldout_fraction)
+    results = {}
+    for signal, field in SIGNAL_FIELDS.items():
+        points = Points.gather(traces, field, heldout)
+        if points.x.size == 0:
+            continue
+        try:
+            results[signal] = _fit_signal(points, settings)
+        except FitError:
+            if settings.signal == signal:
+                raise
+    if not results:
+        raise FitError(
+            f"every point of {', '.join(map(str, traces.files))} is non-finite (NaN or inf); the traces hold nothing "
+            "to fit. Re-record them and check the model's outputs for NaN."
+        )
+    if settings.signal == "auto":
+        scored = {s: _scores(r["robust"], r["points"])["r2_heldout"] for s, r in results.items()}
+        signal = max(scored, key=lambda s: (np.nan_to_num(scored[s], nan=-np.inf), s == "modulated_input"))
+    else:
+        if settings.signal not in results:
+            raise FitError(f"signal={settings.signal} has no finite points in the traces; use signal=auto.")
+        signal = settings.signal
+    chosen, points = results[signal]["fit"], results[signal]["points"]
+    field = SIGNAL_FIELDS[signal]
+    log.info(
+        "dropped %d non-finite points (%d of them first steps, which have no previous step)",
+        points.dropped,
+        points.dropped_first_steps,
+    )
+
+    branches = {}
+    names = sorted(set(points.branch.tolist()))
+    if len(names) > 1:
+        for name in names:
+            mask = points.branch == name
+            own_train = mask & ~points.heldout
+            own = fit_polynomial(points.x[own_train], points.y[own_train], settings.degree, settings.method)
+            branches[name] = {
+                "coefficients": list(own.coefficients),
+                "x_range": list(own.x_range),
+                "r2_heldout": _scores(own, points, mask)["r2_heldout"],
+                "written_fit_r2_heldout": _scores(chosen, points, mask)["r2_heldout"],
+            }
+
+    rows, _ = threshold_table(traces, field, chosen, settings)
+    default = default_threshold(rows, settings.default_speedup)
+    scores = _scores(chosen, points)
+    report = {
+        "degree": settings.degree,
+        "method": settings.method,
+        "points": int((~points.heldout).sum()),
+        "points_heldout": int(points.heldout.sum()),
+        "prompts": len({t.prompt for t in traces.trajectories}),
+        "prompts_heldout": len(heldout),
+        "dropped_nonfinite": points.dropped,
+        "r2": scores["r2"],
+        "r2_heldout": scores["r2_heldout"],
+        "min_slope": chosen.min_slope(),
+        "plain": {"coefficients": list(results[signal]["plain"].coefficients), **_scores(results[signal]["plain"], points)},
+        "signals": {s: _scores(r["robust"], r["points"]) for s, r in results.items()},
+        "branches": branches,
+        "default_threshold": f"smallest threshold whose mean computed fraction <= 1/{settings.default_speedup}",
+    }
+    coefficients = Coefficients(
+        model=traces.model,
+        transformer_class=traces.transformer_class,
+        signal=signal,
+        coefficients=chosen.coefficients,
+        x_range=chosen.x_range,
+        recipe=traces.recipe.for_coefficients(),
+        defaults=DecisionDefaults(
+            rel_l1_thresh=default,
+            warmup_steps=settings.warmup_steps,
+            final_steps=settings.final_steps,
+            max_consecutive_skips=settings.max_consecutive_skips,
+        ),
+        thresholds=tuple(rows),
+        fit=_rounded(report),
+        provenance={
+            "kind": "calibrated",
+            "traces": [{"path": str(p), "sha256": file_digest(p)} for p in traces.files],
+            "trajectories": len(traces.trajectories),
+            "tool_version": library_versions()["teacache-calibrate"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return coefficients, {"results": results, "signal": signal, "rows": rows, "default": default}
+
+
+def _rounded(value: Any, key: str | None = None) -> Any:
+    """Report numbers at 6 significant digits (NaN as None), polynomials at full precision."""
+    if key in ("coefficients", "x_range"):
+        return value
+    if isinstance(value, float):
+        return None if not np.isfinite(value) else float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def run_fit(cfg: DictConfig) -> Path:
+    settings = FitSettings(
+        degree=cfg.degree,
+        method=cfg.method,
+        signal=cfg.signal,
+        heldout_fraction=cfg.heldout_fraction,
+        default_speedup=cfg.default_speedup,
+        warmup_steps=cfg.warmup_steps,
+        final_steps=cfg.final_steps,
+        max_consecutive_skips=cfg.max_consecutive_skips,
+    )
+    traces = load_traces(list(cfg.traces) if not isinstance(cfg.traces, str) else cfg.traces)
+    if traces.duplicates:
+        log.info("skipped %d trajectories found in more than one file", traces.duplicates)
+    coefficients, extras = fit_traces(traces, settings)
+    out = Path(cfg.out) if cfg.out else Path("coefficients") / f"{traces.model}.json"
+    save_coefficients(coefficients, out)
+    if cfg.plot:
+        from .plots import plot_fit
+
+        plot_fit(out.with_suffix(".png"), coefficients, extras)
+    _summary(out, coefficients)
+    return out
+
+
+def _summary(out: Path, c: Coefficients) -> None:
+    fit = c.fit or {}
+    lines = [
+        f"wrote {out} ({c.model}, {c.transformer_class}, signal {c.signal})",
+        f"  R^2 train {fit.get('r2')}, held-out {fit.get('r2_heldout')} "
+        f"(plain least squares: {fit['plain']['r2']}, held-out {fit['plain']['r2_heldout']})",
+        f"  points {fit.get('points')} + {fit.get('points_heldout')} held out; dropped {fit.get('dropped_nonfinite')} non-finite",
+        f"  default rel_l1_thresh {c.defaults.rel_l1_thresh}",
+    ]
+    print("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_fit(cfg)
+    except TeaCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

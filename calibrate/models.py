@@ -1,0 +1,136 @@
+"""Load the pipeline a ``conf/model/<name>.yaml`` describes, and call it for one prompt and seed.
+
+Three sources:
+- ``hub``: a real checkpoint, ``from_pretrained(model.path)`` (a hub id or a local folder); prompts go
+  through the pipeline's own text encoder;
+- ``tiny``: a tiny random-init pipeline of a real diffusers class (calibrate.tiny); prompts map to
+  embeddings seeded by their text;
+- ``reference``: the trained reference model shipped in this repository (reference/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline
+
+from runtime.errors import TeaCacheError
+
+from .recipe import Recipe
+
+
+class ModelLoadError(TeaCacheError):
+    """The model's weights or pipeline class cannot be loaded."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ModelLoadError(f"dtype={name!r} is not one of {', '.join(_DTYPES)}; pass one of those.")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={name} was asked for but torch sees no CUDA device; pass device=cpu.")
+    return name
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus how to turn a prompt into its keyword arguments."""
+
+    name: str
+    pipe: DiffusionPipeline
+    prompt_kwargs: Callable[[str, str | None], dict[str, Any]]
+    guidance_kwarg: str
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def generate(self, prompt: str, seed: int, recipe: Recipe, output_type: str = "latent") -> Any:
+        """One pipeline call with the recipe's settings; the seed drives a CPU generator (device independent)."""
+        kwargs = {
+            **self.call_kwargs,
+            **self.prompt_kwargs(prompt, recipe.negative_prompt),
+            "num_inference_steps": recipe.num_inference_steps,
+            "height": recipe.height,
+            "width": recipe.width,
+        }
+        if recipe.guidance is not None:
+            kwargs[self.guidance_kwarg] = recipe.guidance
+        if recipe.num_frames is not None:
+            kwargs["num_frames"] = recipe.num_frames
+        generator = torch.Generator().manual_seed(int(seed))
+        return self.pipe(**kwargs, generator=generator, output_type=output_type)
+
+
+def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
+    """Build the pipeline a model config describes, on ``device`` in ``dtype``."""
+    source = model_cfg.source
+    if source == "tiny":
+        from .tiny import build_tiny_pipeline, tiny_prompt_embeds
+
+        pipe = _to(build_tiny_pipeline(model_cfg.family, seed=int(model_cfg.get("seed", 0))), device, dtype)
+        family = model_cfg.family
+
+        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+            return tiny_prompt_embeds(pipe, family, prompt, negative)
+
+    elif source == "reference":
+        from reference.pipeline import load_reference_pipeline, reference_prompt_kwargs
+
+        try:
+            pipe, encoder = load_reference_pipeline(model_cfg.get("path"), device=device, dtype=dtype)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+            return reference_prompt_kwargs(encoder, prompt, negative, device=device)
+
+    elif source == "hub":
+        pipe = _from_pretrained(model_cfg, dtype).to(device)
+
+        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+            return {"prompt": prompt} if negative is None else {"prompt": prompt, "negative_prompt": negative}
+
+    else:
+        raise ModelLoadError(
+            f"model.source={source!r} in model config {model_cfg.name!r} is not one of hub, tiny, reference."
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(
+        name=model_cfg.name,
+        pipe=pipe,
+        prompt_kwargs=prompt_kwargs,
+        guidance_kwarg=model_cfg.guidance_kwarg,
+        call_kwargs=dict(model_cfg.get("call_kwargs") or {}),
+    )
+
+
+def _to(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """Move a float32 pipeline; cast only when asked for another dtype (diffusers warns on a no-op cast)."""
+    pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _from_pretrained(model_cfg: Any, dtype: torch.dtype) -> DiffusionPipeline:
+    from hydra.utils import get_class
+
+    pipeline_cls = get_class(model_cfg.pipeline)
+    try:
+        return pipeline_cls.from_pretrained(model_cfg.path, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"the weights of model={model_cfg.name} could not be loaded from {model_cfg.path!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); download them and pass "
+            "model.path=/local/dir, or check the path."
+        ) from None

@@ -1,0 +1,68 @@
+"""The PNG beside a coefficients file: judge the fit and the threshold curve at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime import Coefficients  # noqa: E402
+
+
+def plot_fit(path: Path, coefficients: Coefficients, extras: dict[str, Any]) -> Path:
+    """Left: the (x, y) cloud, training and held-out, with the written fit and the plain fit.
+    Right: threshold -> mean computed fraction (band: spread over prompts), default marked."""
+    result = extras["results"][extras["signal"]]
+    points, fit, plain = result["points"], result["fit"], result["plain"]
+    report = coefficients.fit or {}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+
+    train = ~points.heldout
+    left.scatter(points.x[train], points.y[train], s=6, alpha=0.35, color="0.45", label="training prompts")
+    left.scatter(points.x[~train], points.y[~train], s=8, alpha=0.6, color="tab:orange", label="held-out prompts")
+    lo, hi = fit.x_range
+    span = hi - lo
+    grid = np.linspace(max(0.0, lo - 0.1 * span), hi + 0.1 * span, 400)
+    left.axvspan(lo, hi, color="tab:blue", alpha=0.06, label="fitted x range")
+    left.plot(grid, fit.predict(grid), color="tab:blue", lw=2.2,
+              label=f"{fit.method} fit: R² {report.get('r2'):.3f}, held-out {report.get('r2_heldout'):.3f}")
+    left.plot(grid, np.polyval(plain.coefficients, grid), color="tab:red", lw=1.5, ls="--",
+              label=f"plain least squares: held-out {report['plain']['r2_heldout']:.3f}")
+    ymax = float(np.quantile(points.y, 0.995)) * 1.3 if points.y.size else 1.0
+    left.set_ylim(min(0.0, float(np.min(np.polyval(plain.coefficients, grid)))) * 1.1 if ymax else 0, ymax)
+    left.set_xlabel(f"x: rel-L1 change of the {coefficients.signal.replace('_', ' ')}")
+    left.set_ylabel("y: rel-L1 change of the transformer output")
+    left.set_title(f"{coefficients.model}: {report.get('points')} + {report.get('points_heldout')} held-out points")
+    left.legend(fontsize=8, loc="upper left")
+
+    rows = extras["rows"]
+    thresholds = np.array([r.rel_l1_thresh for r in rows])
+    fraction = np.array([r.computed_fraction for r in rows])
+    spread = np.array([r.computed_fraction_std for r in rows])
+    shown = thresholds > 0
+    right.plot(thresholds[shown], fraction[shown], color="tab:blue", marker="o", ms=3)
+    right.fill_between(thresholds[shown], (fraction - spread)[shown], (fraction + spread)[shown], color="tab:blue", alpha=0.2,
+                       label="± std over prompts")
+    default = extras["default"]
+    right.axvline(default, color="tab:green", ls=":", label=f"default rel_l1_thresh {default}")
+    for speedup in (1.5, 2.0, 3.0):
+        right.axhline(1 / speedup, color="0.6", lw=0.8, ls="--")
+        right.text(thresholds[shown][0], 1 / speedup + 0.01, f"{speedup:g}x", fontsize=8, color="0.4")
+    right.set_xscale("log")
+    right.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    right.xaxis.set_minor_formatter(ticker.NullFormatter())
+    right.set_ylim(0, 1.05)
+    right.set_xlabel("rel_l1_thresh")
+    right.set_ylabel("computed fraction (replayed decision rule)")
+    right.set_title("threshold -> computed fraction (ideal speedup = 1 / fraction)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""``python -m calibrate.record model=<name>``: full-compute runs recorded to HDF5, per step and CFG branch.
+
+Every prompt x seed of the (sharded) work list is one pipeline call at full compute; its branches are
+written as trajectories as soon as it finishes, crash-safe. A rerun of the same command skips what the
+file already holds. Scale out with hydra multirun over ``shard`` (joblib launcher for several GPUs on
+one machine, submitit launcher for SLURM): one file per shard, fitted together by ``calibrate.fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from runtime.errors import ConfigError, TeaCacheError
+
+from .models import load_model, resolve_device, resolve_dtype
+from .recipe import Recipe
+from .recorder import TraceRecorder
+from .traces import TraceWriter, run_key
+
+log = logging.getLogger(__name__)
+
+
+def shard_path(out: Path, shard: int, num_shards: int) -> Path:
+    """``traces/m.h5`` for one shard, ``traces/m.shard-<i>-of-<n>.h5`` for shard i of n."""
+    if num_shards == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard-{shard}-of-{num_shards}{out.suffix}")
+
+
+def work_list(cfg: DictConfig) -> list[tuple[int, str, int]]:
+    """``(prompt_index, prompt, seed)`` of this shard, in a fixed order."""
+    seeds = list(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1], got {cfg.seeds!r}.")
+    num_shards, shard = cfg.num_shards, cfg.shard
+    if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard, int) or not 0 <= shard < num_shards:
+        raise ConfigError(f"shard must be in [0, num_shards) and num_shards >= 1, got shard={shard} num_shards={num_shards}.")
+    prompts = list(cfg.prompts.texts)
+    if cfg.limit is not None:
+        if not isinstance(cfg.limit, int) or cfg.limit < 1:
+            raise ConfigError(f"limit must be a positive integer or null, got {cfg.limit!r}.")
+        prompts = prompts[: cfg.limit]
+    work = [(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+    return work[shard::num_shards]
+
+
+def record(cfg: DictConfig) -> Path:
+    """Record this shard's work list into its trace file; returns the file's path."""
+    recipe = Recipe.from_config(cfg)
+    work = work_list(cfg)
+    out = shard_path(Path(cfg.out), cfg.shard, cfg.num_shards)
+    writer = TraceWriter(out, model=cfg.model.name, recipe=recipe)  # refuses a foreign file before any loading
+    todo = [(i, p, s) for i, p, s in work if run_key(p, s, recipe) not in writer.done]
+    if len(todo) < len(work):
+        log.info("%s already holds %d of this shard's %d runs; recording the other %d", out, len(work) - len(todo), len(work), len(todo))
+    if not todo:
+        return out
+
+    model = load_model(cfg.model, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
+    writer.bind(type(model.transformer).__name__)
+    with TraceRecorder(model.transformer) as recorder:
+        bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True)
+        for prompt_index, prompt, seed in bar:
+            branches = recorder.run(lambda: model.generate(prompt, seed, recipe))
+            writer.append(run_key(prompt, seed, recipe), prompt, prompt_index, seed, branches)
+    log.info("%s holds %d runs of this shard", out, len(writer.done))
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="record")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = record(cfg)
+    except TeaCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"traces: {path}")
+
+
+if __name__ == "__main__":
+    main()

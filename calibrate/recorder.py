@@ -1,0 +1,197 @@
+"""Record per-step signal and output changes of a full-compute pipeline run, per CFG branch.
+
+The hooks read the signals through the runtime's own adapter (``runtime.adapters``) and measure
+changes with the runtime's own ``rel_l1``, so ``x`` here is exactly what the runtime will see. Values
+stay on the device as 0-d tensors during a run; the pipeline's end-of-call reset hands them to the
+recorder (diffusers resets stateful hooks when a pipeline call ends), and :meth:`TraceRecorder.run`
+reads everything to the host in one transfer.
+
+Per call of a branch: ``timestep`` (as the transformer receives it), ``x`` (modulated-input rel-L1
+against the previous call of the branch), ``x_temb`` (the same for the timestep embedding), ``y``
+(transformer output rel-L1) and ``y_residual`` (block-stack residual rel-L1); NaN at the first step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch import nn
+
+from runtime.adapters import BlockCall, BlockLayout, adapter_for
+from runtime.hooks import current_state, rel_l1
+
+MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
+_HOOKS = ("trace_root", "trace_head", "trace_tail", "trace_timestep_embedding")
+
+
+class TraceState(BaseState):
+    """One branch's previous tensors and the 0-d device values measured so far."""
+
+    def __init__(self) -> None:
+        self.previous: dict[str, torch.Tensor] = {}
+        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in MEASURED}
+        self.stack_input: torch.Tensor | None = None
+
+    def change(self, name: str, current: torch.Tensor) -> None:
+        """Append the rel-L1 change of ``current`` against the previous call's tensor of the same name."""
+        previous = self.previous.get(name)
+        if previous is None or previous.shape != current.shape:
+            value = torch.full((), float("nan"), dtype=torch.float32, device=current.device)
+        else:
+            value = rel_l1(current, previous)
+        self.previous[name] = current.detach()
+        self.values[name].append(value)
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+class _RootHook(ModelHook):
+    """On the transformer: the timestep going in, the output change coming out; flushes on reset."""
+
+    _is_stateful = True
+
+    def __init__(self, manager: StateManager, sink: Callable[[dict[str, dict[str, list]]], None]) -> None:
+        super().__init__()
+        self.state_manager = manager
+        self.sink = sink
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        timestep = BlockCall(module, args, kwargs).get("timestep")
+        value = torch.as_tensor(timestep).detach().flatten()[0].to(torch.float32)
+        current_state(self.state_manager).values["timestep"].append(value)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        current_state(self.state_manager).change("y", _output_tensor(output))
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        # The pipeline resets stateful hooks when its call ends: hand the branches over, then forget.
+        finished = {name: state.values for name, state in self.state_manager._state_cache.items()}
+        if finished:
+            self.sink(finished)
+        self.state_manager.reset()
+        return module
+
+
+class _HeadHook(ModelHook):
+    """On the first block: the modulated input (through the runtime's adapter) and the stack input."""
+
+    def __init__(self, manager: StateManager, modulated_input: Callable[[BlockCall], torch.Tensor]) -> None:
+        super().__init__()
+        self.state_manager = manager
+        self.modulated_input = modulated_input
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        state = current_state(self.state_manager)
+        call = BlockCall(module, args, kwargs)
+        with torch.no_grad():
+            state.change("x", self.modulated_input(call))
+        state.stack_input = call.get("hidden_states")
+        return args, kwargs
+
+
+class _TailHook(ModelHook):
+    """On the last block: the block-stack residual on the image stream."""
+
+    def __init__(self, manager: StateManager, layout: BlockLayout) -> None:
+        super().__init__()
+        self.state_manager = manager
+        self.layout = layout
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        state = current_state(self.state_manager)
+        state.change("y_residual", self.layout.hidden_states(output) - state.stack_input)
+        state.stack_input = None
+        return output
+
+
+class _TimestepEmbeddingHook(ModelHook):
+    def __init__(self, manager: StateManager, pick: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.state_manager = manager
+        self.pick = pick
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        current_state(self.state_manager).change("x_temb", self.pick(output))
+        return output
+
+
+class TraceRecorder:
+    """Hooks a transformer so that each pipeline call yields per-branch traces; a context manager."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+        self._finished: list[dict[str, dict[str, list]]] = []
+        adapter = adapter_for(transformer)
+        blocks = adapter.blocks(transformer)
+        manager = StateManager(TraceState)
+        self._register(transformer, _RootHook(manager, self._finished.append), "trace_root")
+        self._register(
+            adapter.timestep_module(transformer),
+            _TimestepEmbeddingHook(manager, adapter.timestep_output),
+            "trace_timestep_embedding",
+        )
+        self._register(blocks[0][1], _HeadHook(manager, adapter.modulated_input), "trace_head")
+        tail = blocks[-1][1]
+        self._register(tail, _TailHook(manager, BlockLayout.of(tail)), "trace_tail")
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+    @staticmethod
+    def _register(module: nn.Module, hook: ModelHook, name: str) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+    def run(self, call: Callable[[], Any]) -> dict[str, dict[str, np.ndarray]]:
+        """Run ``call`` (one pipeline call) and return ``{branch: {field: float32 array per step}}``.
+
+        All values of all branches come to the host in a single transfer after the call.
+        """
+        self._finished.clear()
+        call()
+        if not self._finished:
+            raise RuntimeError(
+                "the pipeline call ended without resetting its stateful hooks, so no trace was handed over; "
+                "TraceRecorder needs a diffusers pipeline that calls maybe_free_model_hooks() at its end."
+            )
+        branches = self._finished[-1]
+        names = sorted(branches)
+        lengths = {name: len(branches[name]["timestep"]) for name in names}
+        values = [v for name in names for field in MEASURED for v in branches[name][field]]
+        stacked = torch.stack(values).cpu()  # the one device-to-host read of the run
+        flat = stacked.reshape(-1).numpy()
+        out, offset = {}, 0
+        for name in names:
+            out[name] = {}
+            for field in MEASURED:
+                n = lengths[name]
+                out[name][field] = flat[offset : offset + n].astype(np.float32)
+                offset += n
+            out[name]["step"] = np.arange(lengths[name], dtype=np.int32)
+        return out
+
+    def remove(self) -> None:
+        for module in self.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                for name in _HOOKS:
+                    registry.remove_hook(name, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+
+    def __enter__(self) -> "TraceRecorder":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
