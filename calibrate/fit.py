@@ -225,6 +225,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         "points_heldout": int(points.heldout.sum()),
         "prompts": len({t.prompt for t in traces.trajectories}),
         "prompts_heldout": len(heldout),
+        "heldout_prompts": sorted(heldout),
         "dropped_nonfinite": points.dropped,
         "r2": scores["r2"],
         "r2_heldout": scores["r2_heldout"],
