@@ -82,20 +82,19 @@ class Points:
 
     @classmethod
     def gather(cls, traces: TraceSet, field: str, heldout: set[str]) -> "Points":
-        xs, ys, held, branches = [], [], [], []
-        for t in traces.trajectories:
-            xs.append(t.data[field])
-            ys.append(t.data["y"])
-            held.append(np.full(len(t.data["y"]), t.prompt in heldout))
-            branches.append(np.full(len(t.data["y"]), t.branch))
-        x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
-        steps = np.concatenate([t.data["step"] for t in traces.trajectories])
+        trajectories = traces.trajectories
+        lengths = np.array([len(t.data["y"]) for t in trajectories])
+        x = np.concatenate([t.data[field] for t in trajectories]).astype(np.float64)
+        y = np.concatenate([t.data["y"] for t in trajectories]).astype(np.float64)
+        steps = np.concatenate([t.data["step"] for t in trajectories])
+        held = np.repeat([t.prompt in heldout for t in trajectories], lengths)
+        branch = np.repeat([t.branch for t in trajectories], lengths)
         finite = np.isfinite(x) & np.isfinite(y)
         return cls(
             x=x[finite],
             y=y[finite],
-            heldout=np.concatenate(held)[finite],
-            branch=np.concatenate(branches)[finite],
+            heldout=held[finite],
+            branch=branch[finite],
             dropped=int((~finite).sum()),
             dropped_first_steps=int((~finite & (steps == 0)).sum()),
         )
@@ -136,9 +135,11 @@ def threshold_table(
     by_length: dict[int, list] = {}
     for t in traces.trajectories:
         by_length.setdefault(len(t.data[field]), []).append(t)
-    p_steps, p_totals = [], []
-    for length, group in by_length.items():
-        x = np.stack([t.data[field] for t in group]).astype(np.float64)
+    prompt_ids = {p: i for i, p in enumerate(sorted({t.prompt for t in traces.trajectories}))}
+    groups, p_steps, p_totals = [], [], []
+    for group in by_length.values():
+        x = np.stack([t.data[field] for t in group]).astype(np.float32)
+        groups.append((torch.from_numpy(x), np.array([prompt_ids[t.prompt] for t in group])))
         p = fit.predict(np.where(np.isfinite(x), x, fit.x_range[0]))
         p[:, : max(1, settings.warmup_steps)] = 0.0
         p_steps.append(p[:, 1:].ravel())
@@ -148,13 +149,12 @@ def threshold_table(
     rows = []
     for thresh in grid:
         rule = settings.rule(thresh, fit)
-        per_prompt: dict[str, list[float]] = {}
-        for length, group in by_length.items():
-            x = torch.from_numpy(np.stack([t.data[field] for t in group]).astype(np.float32))
-            fractions = replay(rule, x).float().mean(dim=1).tolist()
-            for t, fraction in zip(group, fractions):
-                per_prompt.setdefault(t.prompt, []).append(fraction)
-        means = np.array([np.mean(v) for v in per_prompt.values()])
+        sums, counts = np.zeros(len(prompt_ids)), np.zeros(len(prompt_ids))
+        for x, ids in groups:
+            fractions = replay(rule, x).double().mean(dim=1).numpy()
+            sums += np.bincount(ids, weights=fractions, minlength=len(prompt_ids))
+            counts += np.bincount(ids, minlength=len(prompt_ids))
+        means = sums / counts  # per prompt: over its seeds and branches
         rows.append(ThresholdRow(thresh, round(float(means.mean()), 4), round(float(means.std()), 4)))
     return rows, grid
 

@@ -66,3 +66,39 @@ def plot_fit(path: Path, coefficients: Coefficients, extras: dict[str, Any]) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_STYLES = {
+    "teacache": ("tab:blue", "o", "TeaCache (calibrated)"),
+    "oracle": ("black", "s", "oracle (true output change)"),
+    "first_block_cache": ("tab:orange", "^", "FirstBlockCache"),
+    "mag_cache": ("tab:green", "D", "MagCache (own calibration)"),
+}
+
+
+def plot_pareto(path: Path, rows: list, title: str) -> Path:
+    """PSNR against speedup, one curve per method: wall clock (left) and 1 / computed fraction (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    finite = [r.psnr for r in rows if r.psnr is not None]
+    ceiling = (max(finite) + 3) if finite else 60.0
+    for ax, key, label in (
+        (axes[0], lambda r: r.wall_speedup, "wall-clock speedup (median of repeats)"),
+        (axes[1], lambda r: 1 / max(r.computed_fraction, 1e-6), "ideal speedup = 1 / computed fraction"),
+    ):
+        for method, (color, marker, name) in _STYLES.items():
+            mine = sorted((r for r in rows if r.method == method), key=key)
+            if not mine:
+                continue
+            xs = [key(r) for r in mine]
+            ys = [ceiling if r.psnr is None else r.psnr for r in mine]
+            ax.plot(xs, ys, color=color, marker=marker, ms=5, lw=1.6, label=name)
+        ax.axhline(ceiling, color="0.7", ls=":", lw=1)
+        ax.text(ax.get_xlim()[0], ceiling, " identical to full compute", va="bottom", fontsize=8, color="0.4")
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

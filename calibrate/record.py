@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from runtime.errors import ConfigError, TeaCacheError
@@ -33,6 +33,20 @@ def shard_path(out: Path, shard: int, num_shards: int) -> Path:
     return out.with_name(f"{out.stem}.shard-{shard}-of-{num_shards}{out.suffix}")
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def prompt_texts(cfg: DictConfig) -> list[str]:
+    """The prompts of ``prompts=<set>``, or with ``prompts=auto`` those of the model's ``prompt_set``."""
+    if cfg.prompts.texts is not None:
+        return list(cfg.prompts.texts)
+    name = cfg.model.get("prompt_set", "default")
+    path = CONF_DIR / "prompts" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model {cfg.model.name} names prompt_set {name!r}, but {path} does not exist; add it or pass prompts=default.")
+    return list(OmegaConf.load(path).texts)
+
+
 def work_list(cfg: DictConfig) -> list[tuple[int, str, int]]:
     """``(prompt_index, prompt, seed)`` of this shard, in a fixed order."""
     seeds = list(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
@@ -41,7 +55,7 @@ def work_list(cfg: DictConfig) -> list[tuple[int, str, int]]:
     num_shards, shard = cfg.num_shards, cfg.shard
     if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ConfigError(f"shard must be in [0, num_shards) and num_shards >= 1, got shard={shard} num_shards={num_shards}.")
-    prompts = list(cfg.prompts.texts)
+    prompts = prompt_texts(cfg)
     if cfg.limit is not None:
         if not isinstance(cfg.limit, int) or cfg.limit < 1:
             raise ConfigError(f"limit must be a positive integer or null, got {cfg.limit!r}.")

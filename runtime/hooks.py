@@ -141,6 +141,10 @@ class TeaCacheHeadHook(ModelHook):
                 self.rule.final_steps,
             )
 
+    def signal_change(self, signal: torch.Tensor, previous: torch.Tensor, state: TeaCacheState) -> torch.Tensor:
+        """x: the relative L1 change of the signal against the branch's previous call (0-d, on the device)."""
+        return rel_l1(signal, previous)
+
     @torch.compiler.disable
     def new_forward(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = current_state(self.state_manager)
@@ -168,7 +172,7 @@ class TeaCacheHeadHook(ModelHook):
         if previous is None or shape_changed:
             x = torch.full((), float("nan"), dtype=torch.float32, device=signal.device)
         else:
-            x = rel_l1(signal, previous)
+            x = self.signal_change(signal, previous, state)
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
@@ -232,8 +236,13 @@ def apply_teacache(
     signal: str,
     stats: CacheStats,
     num_steps: NumStepsProvider = lambda: None,
+    head_hook: Callable[..., TeaCacheHeadHook] | None = None,
 ) -> None:
-    """Register the TeaCache hooks on ``transformer``; undo with :func:`remove_teacache`."""
+    """Register the TeaCache hooks on ``transformer``; undo with :func:`remove_teacache`.
+
+    ``head_hook`` may name a :class:`TeaCacheHeadHook` subclass (or factory) that measures the signal
+    change differently, e.g. the sweep's oracle; the decision rule and everything else stay the same.
+    """
     adapter = adapter_for(transformer)
     if is_applied(transformer):
         raise TeaCacheError(
@@ -252,8 +261,8 @@ def apply_teacache(
     (_, head), *rest = blocks
     if signal == "timestep_embedding":
         _register(adapter.timestep_module(transformer), TimestepEmbeddingHook(manager, adapter), TIMESTEP_EMBEDDING_HOOK)
-    head_hook = TeaCacheHeadHook(manager, rule, adapter, signal, layouts[0], stats, num_steps, is_tail=not rest)
-    _register(head, head_hook, HEAD_HOOK)
+    make_head = head_hook or TeaCacheHeadHook
+    _register(head, make_head(manager, rule, adapter, signal, layouts[0], stats, num_steps, is_tail=not rest), HEAD_HOOK)
     for i, (_, block) in enumerate(rest, start=1):
         _register(block, TeaCacheBlockHook(manager, layouts[i], is_tail=i == len(blocks) - 1), BLOCK_HOOK)
     _invalidate_registry_cache(transformer)
