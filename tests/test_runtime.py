@@ -274,3 +274,40 @@ def test_on_cuda(family):
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= before, "no memory growth across generations"
     assert cache.stats["cond"].skipped > 0
+
+
+def _transformer_kwargs(pipe, family, **recipe):
+    captured = {}
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: captured.setdefault("kwargs", k) and None, with_kwargs=True
+    )
+    try:
+        kwargs = {**TINY_RECIPES[family], **recipe, **tiny_prompt_embeds(pipe, family, "a boat", negative_prompt="")}
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        hook.remove()
+    return captured["kwargs"]
+
+
+def test_shape_change_and_nonfinite_signal_force_a_compute(pipes):
+    pipe = pipes["flux"]
+    transformer = pipe.transformer
+    small = _transformer_kwargs(pipe, "flux")
+    large = _transformer_kwargs(pipe, "flux", height=48, width=48)
+    poisoned = {**small, "hidden_states": small["hidden_states"].clone()}
+    poisoned["hidden_states"][0, 0, 0] = float("nan")
+    with TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=10.0).apply(
+        transformer, num_inference_steps=100
+    ) as cache:
+        with torch.no_grad(), transformer.cache_context("cond"):
+            for kwargs in (small, small, large, large, poisoned, small):
+                transformer(**kwargs)
+    reasons = [(r.reason, r.computed) for r in cache.stats["cond"].trace]
+    assert reasons == [
+        ("first", True),
+        ("skipped", False),
+        ("shape_change", True),
+        ("skipped", False),
+        ("shape_change", True),  # back to the small size: the residual is the large one's
+        ("nonfinite", True),  # measured against the poisoned call's NaN signal
+    ]
