@@ -92,7 +92,7 @@ def _robust_monotone(x: np.ndarray, y: np.ndarray, degree: int, x_range: tuple[f
 
     weights = np.ones_like(y)
     coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
-    for _ in range(100):
+    for iteration in range(100):
         sw = weights / weights.sum()
         hessian = design.T @ (design * sw[:, None])
         target = design.T @ (sw * y)
@@ -110,7 +110,8 @@ def _robust_monotone(x: np.ndarray, y: np.ndarray, degree: int, x_range: tuple[f
         spread = 1.4826 * np.median(np.abs(residual - np.median(residual)))
         delta = 1.345 * max(spread, 1e-12 * max(1.0, float(np.abs(y).max())))
         weights = np.minimum(1.0, delta / np.maximum(np.abs(residual), 1e-300))
-        if np.max(np.abs(coefficients - previous)) <= 1e-9 * max(1.0, float(np.max(np.abs(coefficients)))):
+        # Iteration 0 solves with uniform weights; convergence is judged between reweighted solves.
+        if iteration > 0 and np.max(np.abs(coefficients - previous)) <= 1e-9 * max(1.0, float(np.max(np.abs(coefficients)))):
             break
     return tuple(float(c) for c in coefficients / scale ** powers)
 

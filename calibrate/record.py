@@ -36,11 +36,12 @@ def shard_path(out: Path, shard: int, num_shards: int) -> Path:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def prompt_texts(cfg: DictConfig) -> list[str]:
-    """The prompts of ``prompts=<set>``, or with ``prompts=auto`` those of the model's ``prompt_set``."""
+def prompt_texts(cfg: DictConfig, model_key: str = "prompt_set") -> list[str]:
+    """The prompts of ``prompts=<set>``, or with ``prompts=auto`` those of the set the model config
+    names under ``model_key`` (``prompt_set``, or ``sweep_prompt_set`` for the sweep), else ``default``."""
     if cfg.prompts.texts is not None:
         return list(cfg.prompts.texts)
-    name = cfg.model.get("prompt_set", "default")
+    name = cfg.model.get(model_key) or cfg.model.get("prompt_set") or "default"
     path = CONF_DIR / "prompts" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"model {cfg.model.name} names prompt_set {name!r}, but {path} does not exist; add it or pass prompts=default.")

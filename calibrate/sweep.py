@@ -152,7 +152,7 @@ def held_out_work(cfg: DictConfig, coefficients: Coefficients) -> list[tuple[str
         raise ConfigError(
             f"seeds {sorted(set(seeds) & seen_seeds)} were used by the fit's traces; pass unseen ones, e.g. seeds=[1000]."
         )
-    prompts = [p for p in prompt_texts(cfg) if p not in seen_prompts][: cfg.limit]
+    prompts = [p for p in prompt_texts(cfg, "sweep_prompt_set") if p not in seen_prompts][: cfg.limit]
     if not prompts:
         raise ConfigError("every prompt of the set was seen by the fit; pass prompts=<another set>.")
     return [(p, s) for p in prompts for s in seeds]

@@ -32,7 +32,7 @@ REFERENCE_RECIPE: dict[str, Any] = {
     "height": 32,
     "width": 32,
     "num_inference_steps": 25,
-    "true_cfg_scale": 3.0,
+    "true_cfg_scale": 4.0,
     "negative_prompt": "",
 }
 

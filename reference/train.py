@@ -120,10 +120,6 @@ class TrainConfig:
 # Helpers
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def single_frame_conv2d() -> Iterator[None]:
     """Run ``QwenImageCausalConv3d`` on single-frame, uncached inputs as the equivalent 2D convolution.
@@ -138,7 +134,7 @@ def single_frame_conv2d() -> Iterator[None]:
     def forward(self: nn.Conv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         if cache_x is not None or x.shape[2] != 1:
             return original(self, x, cache_x)
-        pad_w, _, pad_h = self._padding[0], self._padding[1], self._padding[2]
+        pad_w, pad_h = self._padding[0], self._padding[2]  # F.pad order: (w, w, h, h, t, 0)
         y = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], (pad_h, pad_w))
         return y.unsqueeze(2)
 
@@ -221,7 +217,8 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor) -> tuple[AutoencoderKLQwen
             loss.backward()
             optimizer.step()
             losses.append(rec_loss.item())
-            bar.set_postfix(mse=f"{rec_loss.item():.4f}", kl=f"{kl.item():.2f}")
+            if step % 10 == 0:
+                bar.set_postfix(mse=f"{rec_loss.item():.4f}", kl=f"{kl.item():.2f}")
     vae.eval()
     return vae, losses
 
@@ -239,7 +236,10 @@ def set_latent_normalization(vae: AutoencoderKLQwenImage, images: torch.Tensor) 
     dims = (0, 2, 3, 4)
     mu = mean.mean(dim=dims)
     std = (mean.var(dim=dims) + logvar.exp().mean(dim=dims)).sqrt()
-    vae.register_to_config(latents_mean=[round(v, 6) for v in mu.tolist()], latents_std=[round(v, 6) for v in std.tolist()])
+    vae.register_to_config(
+        latents_mean=[round(v, 6) for v in mu.tolist()],
+        latents_std=[round(v, 6) for v in std.tolist()],
+    )
     return mean, logvar
 
 
@@ -265,7 +265,9 @@ def build_transformer(cfg: TrainConfig) -> QwenImageTransformer2DModel:
     identity and the model output as zero: the usual DiT initialization for training from scratch.
     """
     if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-        raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}.")
+        raise ValueError(
+            f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}."
+        )
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=4 * cfg.vae_z_dim,
@@ -416,7 +418,7 @@ def write_loss_logs(vae_losses: list[float], losses: list[float], log_dir: Path,
 def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict[str, object]:
     """Run both stages, save the pipeline and the prompt encoder to ``out``, the loss logs to ``log_dir``."""
     torch.set_num_threads(1)
-    _seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     images, labels = load_digit_images(cfg.image_size)
     print(f"data: {images.shape[0]} digits at {cfg.image_size}x{cfg.image_size}")
@@ -426,7 +428,7 @@ def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict[str, object]:
     recon_mse = vae_reconstruction_mse(vae, images)
     t_vae = time.perf_counter() - t_start
     print(
-        f"VAE: {_count_params(vae) / 1e6:.2f}M params, {t_vae:.0f} s, reconstruction MSE {recon_mse:.5f}, "
+        f"VAE done: {_count_params(vae) / 1e6:.2f}M params, {t_vae:.0f} s, reconstruction MSE {recon_mse:.5f}, "
         f"latents_mean {vae.config.latents_mean}, latents_std {vae.config.latents_std}"
     )
 
@@ -434,7 +436,7 @@ def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict[str, object]:
     transformer, encoder, losses = train_transformer(cfg, latents_mean, latents_logvar, labels, vae, scheduler)
     total = time.perf_counter() - t_start
     print(
-        f"transformer: {_count_params(transformer) / 1e6:.2f}M params, {total - t_vae:.0f} s; "
+        f"transformer done: {_count_params(transformer) / 1e6:.2f}M params, {total - t_vae:.0f} s; "
         f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}"
     )
 

@@ -1,0 +1,135 @@
+"""The trained reference model: it draws digits, the main job reproduces its committed coefficients,
+and the sweep measures every method against full compute."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from calibrate.fit import run_fit
+from calibrate.record import record
+from calibrate.sweep import run_sweep
+from calibrate.traces import load_traces
+from reference.classifier import classify, get_classifier
+from reference.pipeline import REFERENCE_RECIPE, ReferenceWeightsMissingError, load_reference_pipeline, reference_prompt_kwargs
+from runtime import TeaCache, load_coefficients
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_cfg(name, overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """The README's main job (record, then fit, with no arguments) into a temporary folder."""
+    folder = tmp_path_factory.mktemp("main")
+    traces = record(compose_cfg("record", [f"out={folder}/reference.h5", "device=cpu"]))
+    coefficients = run_fit(compose_cfg("fit", [f"traces={traces}", f"out={folder}/reference.json"]))
+    return traces, coefficients
+
+
+def test_reference_loads_offline_and_draws_digits():
+    pipe, encoder = load_reference_pipeline()
+    assert type(pipe).__name__ == "QwenImagePipeline"
+    assert type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    recipe = {k: v for k, v in REFERENCE_RECIPE.items() if k != "negative_prompt"}
+    prompts = [f"the digit {d}" for d in range(10)]
+    images = pipe(
+        **reference_prompt_kwargs(encoder, prompts, REFERENCE_RECIPE["negative_prompt"]),
+        **recipe,
+        generator=torch.Generator().manual_seed(1234),
+        output_type="np",
+    ).images
+    assert get_classifier().held_out_accuracy > 0.95
+    accuracy = float((classify(images) == np.arange(10)).mean())
+    assert accuracy >= 0.9, f"the classifier recognized {accuracy:.0%} of the generated digits"
+
+
+def test_missing_reference_weights(tmp_path):
+    with pytest.raises(ReferenceWeightsMissingError, match="python -m reference.train"):
+        load_reference_pipeline(tmp_path)
+
+
+def test_main_job_reproduces_the_committed_coefficients(main_job):
+    """Tolerance: polynomial to 1e-3 of its largest coefficient, R^2 to 1e-3, each row of the
+    threshold table to 0.02 of computed fraction, and the same default threshold to 5%; on the
+    machine that wrote the file the two agree exactly but for provenance."""
+    _, path = main_job
+    new = json.loads(path.read_text())
+    committed = json.loads((ROOT / "coefficients" / "reference.json").read_text())
+    scale = max(abs(c) for c in committed["coefficients"])
+    assert np.max(np.abs(np.subtract(new["coefficients"], committed["coefficients"]))) <= 1e-3 * scale
+    np.testing.assert_allclose(new["x_range"], committed["x_range"], rtol=1e-3)
+    for key in ("r2", "r2_heldout"):
+        assert new["fit"][key] == pytest.approx(committed["fit"][key], abs=1e-3)
+    assert new["signal"] == committed["signal"] and new["recipe"] == committed["recipe"]
+    assert new["defaults"]["rel_l1_thresh"] == pytest.approx(committed["defaults"]["rel_l1_thresh"], rel=0.05)
+    rows_new = {r["rel_l1_thresh"]: r["computed_fraction"] for r in new["thresholds"]}
+    rows_old = {r["rel_l1_thresh"]: r["computed_fraction"] for r in committed["thresholds"]}
+    shared = set(rows_new) & set(rows_old)
+    assert len(shared) >= 0.8 * len(rows_old)
+    assert all(abs(rows_new[t] - rows_old[t]) <= 0.02 for t in shared)
+
+
+def test_reference_coefficients_drive_the_reference_pipeline(main_job):
+    _, path = main_job
+    pipe, encoder = load_reference_pipeline()
+    recipe = {k: v for k, v in REFERENCE_RECIPE.items() if k != "negative_prompt"}
+    with TeaCache.from_coefficients(path, speedup=2.0).apply(pipe) as cache:
+        images = pipe(
+            **reference_prompt_kwargs(encoder, [f"a {d} written by hand" for d in range(10)], ""),
+            **recipe,
+            generator=torch.Generator().manual_seed(77),
+            output_type="np",
+        ).images
+    fraction = sum(s.computed for s in cache.stats.values()) / sum(s.calls for s in cache.stats.values())
+    assert fraction <= 0.6
+    assert float((classify(images) == np.arange(10)).mean()) >= 0.8
+
+
+def test_sweep_on_a_tiny_budget(main_job, tmp_path):
+    traces, path = main_job
+    cfg = compose_cfg(
+        "sweep",
+        [
+            f"coefficients={path}", "limit=2", "repeats=1", "teacache_points=2", f"out={tmp_path}/sweep",
+            "thresholds.first_block_cache=[0.0,0.2]", "thresholds.mag_cache=[0.0,0.1]", "device=cpu",
+        ],
+    )
+    out = run_sweep(cfg)
+    document = json.loads((out / "sweep.json").read_text())
+    assert (out / "pareto.png").stat().st_size > 10_000
+    rows = document["rows"]
+    assert {r["method"] for r in rows} == {"full", "teacache", "oracle", "first_block_cache", "mag_cache"}
+    keys = {"method", "setting", "computed_fraction", "wall_speedup", "psnr", "ssim", "lpips", "n_outputs"}
+    for row in rows:
+        assert keys <= set(row)
+        assert row["n_outputs"] == 2 and 0 < row["computed_fraction"] <= 1 and row["wall_speedup"] > 0
+        assert row["psnr"] is None or (math.isfinite(row["psnr"]) and row["psnr"] > 0)
+        assert -1 <= row["ssim"] <= 1
+    at_zero = [r for r in rows if r["setting"] == 0.0]
+    assert {r["method"] for r in at_zero} == {"teacache", "oracle", "first_block_cache", "mag_cache"}
+    for row in at_zero + [r for r in rows if r["method"] == "full"]:
+        assert row["max_abs_diff"] == 0.0 and row["psnr"] is None and row["computed_fraction"] == 1.0, row
+    skipping = [r for r in rows if r["method"] in ("teacache", "oracle") and r["setting"]]
+    assert all(r["computed_fraction"] < 1.0 and r["psnr"] is not None for r in skipping)
+    fitted = load_traces(traces).trajectories
+    assert not {t.seed for t in fitted} & {o["seed"] for o in document["outputs"]}
+    assert not {t.prompt for t in fitted} & {o["prompt"] for o in document["outputs"]}
+
+
+def test_sweep_refuses_seeds_the_fit_saw(main_job, tmp_path):
+    from runtime import ConfigError
+
+    _, path = main_job
+    cfg = compose_cfg("sweep", [f"coefficients={path}", "seeds=[0]", f"out={tmp_path}/s"])
+    with pytest.raises(ConfigError, match=r"seeds \[0\] were used by the fit's traces"):
+        run_sweep(cfg)
+    assert load_coefficients(path).provenance["kind"] == "calibrated"
