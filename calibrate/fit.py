@@ -16,7 +16,6 @@ With no arguments it fits what ``python -m calibrate.record`` with no arguments 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 from omegaconf import DictConfig
 
 from runtime import Coefficients, DecisionDefaults, DecisionRule, ThresholdRow, replay, save_coefficients
-from runtime.errors import TeaCacheError
 
+from .cli import one_line_errors
 from .fitting import METHODS, FitError, PolyFit, fit_polynomial, heldout_prompts, r_squared, threshold_grid
 from .traces import TraceSet, file_digest, library_versions, load_traces
 
@@ -313,11 +312,8 @@ def _summary(out: Path, c: Coefficients) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         run_fit(cfg)
-    except TeaCacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

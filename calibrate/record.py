@@ -9,15 +9,15 @@ one machine, submitit launcher for SLURM): one file per shard, fitted together b
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from runtime.errors import ConfigError, TeaCacheError
+from runtime.errors import ConfigError
 
+from .cli import one_line_errors
 from .models import load_model, resolve_device, resolve_dtype
 from .recipe import Recipe
 from .recorder import TraceRecorder
@@ -90,11 +90,8 @@ def record(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="record")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         path = record(cfg)
-    except TeaCacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"traces: {path}")
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from runtime.errors import ConfigError, TeaCacheError
 from runtime.hooks import TeaCacheHeadHook, TeaCacheState, apply_teacache, remove_teacache
 from runtime.stats import CacheStats
 
+from .cli import one_line_errors
 from .metrics import Lpips, psnr, ssim
 from .models import LoadedModel, load_model, resolve_device, resolve_dtype
 from .recipe import Recipe
@@ -319,11 +319,8 @@ def _print_table(rows: list[Row]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         run_sweep(cfg)
-    except TeaCacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ from calibrate.record import record
 from calibrate.sweep import run_sweep
 from calibrate.traces import load_traces
 from reference.classifier import classify, get_classifier
-from reference.pipeline import REFERENCE_RECIPE, ReferenceWeightsMissingError, load_reference_pipeline, reference_prompt_kwargs
+from reference.pipeline import (
+    REFERENCE_RECIPE,
+    ReferenceWeightsMissingError,
+    load_reference_pipeline,
+    reference_prompt_kwargs,
+)
 from runtime import TeaCache, load_coefficients
 
 ROOT = Path(__file__).resolve().parent.parent

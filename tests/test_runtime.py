@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from calibrate.tiny import TINY_FAMILIES, TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from runtime import (
