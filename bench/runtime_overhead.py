@@ -118,6 +118,45 @@ def measure_once(model, inputs, device: str, steps: int, cap: int) -> dict[str, 
     return out
 
 
+def head_hook_self_time(model, inputs, device: str, calls: int = 10) -> float:
+    """Seconds per call spent in the head hook itself: block 0's call minus the block's own forward.
+
+    A decomposition inside one call, so it does not suffer the run-to-run drift of an A/B timing.
+    """
+    with TeaCache.from_coefficients(coefficients(), rel_l1_thresh=0.0).apply(model, num_inference_steps=10**6):
+        block = model.transformer_blocks[0]
+        hook = block._diffusers_hook.hooks["teacache_head"]
+        inner_forward, spent = hook.fn_ref.original_forward, {"inner": 0.0, "outer": 0.0, "start": 0.0}
+
+        def timed_inner(*args, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            out = inner_forward(*args, **kwargs)
+            sync(device)
+            spent["inner"] += time.perf_counter() - start
+            return out
+
+        def before(module, args):
+            sync(device)
+            spent["start"] = time.perf_counter()
+
+        def after(module, args, output):
+            sync(device)
+            spent["outer"] += time.perf_counter() - spent["start"]
+
+        hook.fn_ref.original_forward = timed_inner
+        handles = [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
+        try:
+            timed_calls(model, inputs, device, 1)
+            spent["inner"] = spent["outer"] = 0.0
+            timed_calls(model, inputs, device, calls)
+        finally:
+            hook.fn_ref.original_forward = inner_forward
+            for handle in handles:
+                handle.remove()
+    return (spent["outer"] - spent["inner"]) / calls
+
+
 def cuda_checks(model, inputs, steps: int, cap: int) -> dict[str, float]:
     """Host syncs per call (torch's sync debug mode) and memory growth across an N-step run."""
     counts, memory = [], []
@@ -164,6 +203,7 @@ def main() -> None:
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "full_call_ms": 1e3 * med["full"],
         "computed_call_overhead_pct": 100 * (med["computed"] / med["full"] - 1),
+        "head_hook_self_pct_of_full": 100 * head_hook_self_time(model, inputs, args.device) / med["full"],
         "skipped_call_pct_of_full": 100 * med["skipped"] / med["full"],
         "fbc_skipped_call_pct_of_full": 100 * med["fbc_skipped"] / med["full"],
         "schedule": f"{args.steps} steps, {int(med['run_computed'])} computed (cap {args.cap})",
