@@ -21,11 +21,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from runtime.adapters import BlockCall, BlockLayout, adapter_for
+from runtime.adapters import BlockCall, BlockLayout, SignalSource, adapter_for
 from runtime.hooks import current_state, rel_l1
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
-_HOOKS = ("trace_root", "trace_head", "trace_tail", "trace_timestep_embedding")
+_HOOKS = ("trace_root", "trace_stack", "trace_x", "trace_x_temb")
 
 
 class TraceState(BaseState):
@@ -87,46 +87,47 @@ class _RootHook(ModelHook):
         return module
 
 
-class _HeadHook(ModelHook):
-    """On the first block: the modulated input (through the runtime's adapter) and the stack input."""
+class _SignalChangeHook(ModelHook):
+    """Where the runtime reads a signal (the adapter's :class:`SignalSource`), record its change."""
 
-    def __init__(self, manager: StateManager, modulated_input: Callable[[BlockCall], torch.Tensor]) -> None:
+    def __init__(self, manager: StateManager, source: SignalSource, name: str) -> None:
         super().__init__()
         self.state_manager = manager
-        self.modulated_input = modulated_input
+        self.source = source
+        self.name = name
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        state = current_state(self.state_manager)
-        call = BlockCall(module, args, kwargs)
-        with torch.no_grad():
-            state.change("x", self.modulated_input(call))
-        state.stack_input = call.get("hidden_states")
+        if self.source.before:
+            with torch.no_grad():
+                signal = self.source.read(BlockCall(module, args, kwargs), None)
+            current_state(self.state_manager).change(self.name, signal)
         return args, kwargs
 
-
-class _TailHook(ModelHook):
-    """On the last block: the block-stack residual on the image stream."""
-
-    def __init__(self, manager: StateManager, layout: BlockLayout) -> None:
-        super().__init__()
-        self.state_manager = manager
-        self.layout = layout
-
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        state = current_state(self.state_manager)
-        state.change("y_residual", self.layout.hidden_states(output) - state.stack_input)
-        state.stack_input = None
+        if not self.source.before:
+            current_state(self.state_manager).change(self.name, self.source.read(BlockCall(module, (), {}), output))
         return output
 
 
-class _TimestepEmbeddingHook(ModelHook):
-    def __init__(self, manager: StateManager, pick: Callable[[Any], torch.Tensor]) -> None:
+class _StackHook(ModelHook):
+    """On the first block: the stack input; on the last: the block-stack residual on the image stream."""
+
+    def __init__(self, manager: StateManager, layout: BlockLayout, head: bool, tail: bool) -> None:
         super().__init__()
         self.state_manager = manager
-        self.pick = pick
+        self.layout = layout
+        self.head, self.tail = head, tail
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.head:
+            current_state(self.state_manager).stack_input = BlockCall(module, args, kwargs).get("hidden_states")
+        return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        current_state(self.state_manager).change("x_temb", self.pick(output))
+        if self.tail:
+            state = current_state(self.state_manager)
+            state.change("y_residual", self.layout.hidden_states(output) - state.stack_input)
+            state.stack_input = None
         return output
 
 
@@ -138,16 +139,15 @@ class TraceRecorder:
         self._finished: list[dict[str, dict[str, list]]] = []
         adapter = adapter_for(transformer)
         blocks = adapter.blocks(transformer)
+        (_, head), (_, tail) = blocks[0], blocks[-1]
         manager = StateManager(TraceState)
         self._register(transformer, _RootHook(manager, self._finished.append), "trace_root")
-        self._register(
-            adapter.timestep_module(transformer),
-            _TimestepEmbeddingHook(manager, adapter.timestep_output),
-            "trace_timestep_embedding",
-        )
-        self._register(blocks[0][1], _HeadHook(manager, adapter.modulated_input), "trace_head")
-        tail = blocks[-1][1]
-        self._register(tail, _TailHook(manager, BlockLayout.of(tail)), "trace_tail")
+        for block in dict.fromkeys((head, tail)):  # one hook when the stack is a single block
+            hook = _StackHook(manager, adapter.layout(block), head=block is head, tail=block is tail)
+            self._register(block, hook, "trace_stack")
+        for signal, name in (("modulated_input", "x"), ("timestep_embedding", "x_temb")):
+            source = adapter.signal_source(transformer, signal)
+            self._register(source.module, _SignalChangeHook(manager, source, name), f"trace_{name}")
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     @staticmethod

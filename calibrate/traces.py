@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import h5py
 import numpy as np
@@ -282,7 +282,3 @@ def file_digest(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def trajectory_payload(traces: TraceSet) -> Any:
-    """All trajectories, order-independent (sorted by name): what a fit depends on."""
-    return sorted(traces.trajectories, key=lambda t: t.name)

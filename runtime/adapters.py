@@ -12,8 +12,8 @@ Adding a family is one :func:`register_adapter` call; see the three entries at t
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -37,15 +37,6 @@ class BlockCall:
         if index is not None and index < len(self.args):
             return self.args[index]
         return default
-
-    def replace(self, name: str, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``(args, kwargs)`` with the argument ``name`` set to ``value``."""
-        index = _parameter_indices(type(self.block)).get(name)
-        if name not in self.kwargs and index is not None and index < len(self.args):
-            args = list(self.args)
-            args[index] = value
-            return tuple(args), self.kwargs
-        return self.args, {**self.kwargs, name: value}
 
 
 _PARAMETER_INDICES: dict[type, dict[str, int]] = {}
@@ -75,7 +66,7 @@ class BlockLayout:
         except ValueError:
             raise UnsupportedModelError(
                 f"diffusers' TransformerBlockRegistry does not know block class {type(block).__name__}; "
-                "give its adapter an explicit `layouts` entry."
+                "give its adapter in runtime/adapters.py a `layouts` entry for it."
             ) from None
         return cls(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)
 
@@ -94,14 +85,30 @@ class BlockLayout:
 
 
 @dataclass(frozen=True)
+class SignalSource:
+    """Where a signal is read: on ``module``'s call, from its arguments (``before``) or its output.
+
+    ``read(call, output)`` returns the signal; ``output`` is None when reading before the call.
+    """
+
+    module: nn.Module
+    before: bool
+    read: Callable[[BlockCall, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """What TeaCache needs to know about one transformer class.
 
     - ``block_lists``: attribute names of the ``ModuleList`` block stacks, in the order they run.
-    - ``modulated_input``: the first block's modulated input (its norm1 output after the
-      timestep-dependent shift/scale) computed from that block's call, without running the block.
+    - ``modulated_input``: the modulated input (norm1 output after the timestep-dependent
+      shift/scale) computed from a block's call, without running the block;
+      ``modulated_input_module`` names the module whose call it reads when that is not the first
+      block of the stack (Z-Image and Lumina2 modulate first in ``noise_refiner.0``).
     - ``timestep_embedding``: dotted path of the submodule whose output is the timestep embedding,
       and ``timestep_embedding_index`` the position in that output when it is a tuple.
+    - ``layouts``: block class name -> (hidden index, encoder index or None) of what a block returns,
+      for block classes diffusers' ``TransformerBlockRegistry`` does not know.
     """
 
     transformer_class: str
@@ -109,6 +116,8 @@ class ModelAdapter:
     modulated_input: Callable[[BlockCall], torch.Tensor]
     timestep_embedding: str
     timestep_embedding_index: int | None = None
+    modulated_input_module: str | None = None
+    layouts: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
 
     def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(qualified name, block)`` for every block of the stack, in call order."""
@@ -125,19 +134,31 @@ class ModelAdapter:
             raise UnsupportedModelError(f"{type(transformer).__name__} has no transformer blocks to cache.")
         return found
 
-    def timestep_module(self, transformer: nn.Module) -> nn.Module:
-        """The submodule whose output is the timestep embedding."""
+    def layout(self, block: nn.Module) -> BlockLayout:
+        """Where ``block`` returns its streams: this adapter's ``layouts``, else diffusers' registry."""
+        known = self.layouts.get(type(block).__name__)
+        return BlockLayout(*known) if known is not None else BlockLayout.of(block)
+
+    def signal_source(self, transformer: nn.Module, signal: str) -> SignalSource:
+        """Where ``signal`` (``modulated_input`` or ``timestep_embedding``) is read in this transformer."""
+        if signal == "timestep_embedding":
+            module = self._submodule(transformer, self.timestep_embedding, "the timestep embedding")
+            index = self.timestep_embedding_index
+            return SignalSource(module, False, lambda call, out: out if index is None else out[index])
+        if self.modulated_input_module is not None:
+            module = self._submodule(transformer, self.modulated_input_module, "the modulated input")
+        else:
+            module = self.blocks(transformer)[0][1]
+        return SignalSource(module, True, lambda call, out: self.modulated_input(call))
+
+    @staticmethod
+    def _submodule(transformer: nn.Module, path: str, what: str) -> nn.Module:
         try:
-            return transformer.get_submodule(self.timestep_embedding)
+            return transformer.get_submodule(path)
         except AttributeError:
             raise UnsupportedModelError(
-                f"{type(transformer).__name__} has no submodule '{self.timestep_embedding}' for the timestep "
-                "embedding that its TeaCache adapter expects."
+                f"{type(transformer).__name__} has no submodule '{path}' for {what} that its TeaCache adapter expects."
             ) from None
-
-    def timestep_output(self, output: Any) -> torch.Tensor:
-        """The timestep embedding out of that submodule's return value."""
-        return output if self.timestep_embedding_index is None else output[self.timestep_embedding_index]
 
 
 ADAPTERS: dict[str, ModelAdapter] = {}

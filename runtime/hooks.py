@@ -8,7 +8,8 @@ Three hooks, one role each, sharing one ``StateManager`` (so each cache context,
   input plus the cached residual in place of the first block's output;
 - :class:`TeaCacheBlockHook` on every other block passes its input through on a skip; the tail
   block's hook stores ``residual = stack output - stack input`` on a computed call;
-- :class:`TimestepEmbeddingHook` captures the timestep embedding when that is the signal.
+- :class:`SignalHook` reads the signal where the model's adapter says it lives (the first block's
+  arguments for the modulated input, a submodule's output for the timestep embedding).
 
 The model's own ``norm_out``/``proj_out`` still run on a skipped call.
 """
@@ -24,7 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from .adapters import BlockCall, BlockLayout, ModelAdapter, adapter_for
+from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import TeaCacheError, UnsupportedModelError
 from .stats import CacheStats, StepRecord
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 HEAD_HOOK = "teacache_head"
 BLOCK_HOOK = "teacache_block"
-TIMESTEP_EMBEDDING_HOOK = "teacache_timestep_embedding"
-_ALL_HOOKS = (HEAD_HOOK, BLOCK_HOOK, TIMESTEP_EMBEDDING_HOOK)
+SIGNAL_HOOK = "teacache_signal"
+_ALL_HOOKS = (HEAD_HOOK, BLOCK_HOOK, SIGNAL_HOOK)
 
 NumStepsProvider = Callable[[], "int | None"]
 
@@ -55,7 +56,7 @@ class TeaCacheState(BaseState):
         self.skipping = False
         self.accumulator: torch.Tensor | None = None
         self.previous_signal: torch.Tensor | None = None
-        self.timestep_embedding: torch.Tensor | None = None
+        self.signal: torch.Tensor | None = None  # this call's, read by the SignalHook
         self.stack_input: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
 
@@ -73,18 +74,24 @@ def current_state(manager: StateManager) -> TeaCacheState:
     return manager.get_state()
 
 
-class TimestepEmbeddingHook(ModelHook):
-    """Keeps the timestep embedding of the current call for the head hook (signal 'timestep_embedding')."""
+class SignalHook(ModelHook):
+    """Reads this call's signal for the head hook, where the adapter's :class:`SignalSource` says."""
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, adapter: ModelAdapter) -> None:
+    def __init__(self, state_manager: StateManager, source: SignalSource) -> None:
         super().__init__()
         self.state_manager = state_manager
-        self.adapter = adapter
+        self.source = source
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.source.before:
+            current_state(self.state_manager).signal = self.source.read(BlockCall(module, args, kwargs), None)
+        return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        current_state(self.state_manager).timestep_embedding = self.adapter.timestep_output(output)
+        if not self.source.before:
+            current_state(self.state_manager).signal = self.source.read(BlockCall(module, (), {}), output)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -119,14 +126,13 @@ class TeaCacheHeadHook(ModelHook):
         self.is_tail = is_tail
         self._warned_no_step_count = False
 
-    def _signal(self, call: BlockCall, state: TeaCacheState) -> torch.Tensor:
-        if self.signal == "modulated_input":
-            return self.adapter.modulated_input(call)
-        signal, state.timestep_embedding = state.timestep_embedding, None
+    def _signal(self, state: TeaCacheState) -> torch.Tensor:
+        signal, state.signal = state.signal, None
         if signal is None:
             raise TeaCacheError(
-                f"the timestep embedding ('{self.adapter.timestep_embedding}') was not captured before the first "
-                "block ran; this transformer's adapter in runtime/adapters.py names the wrong submodule."
+                f"the {self.signal.replace('_', ' ')} was not read before the first block ran; the adapter of "
+                f"{self.adapter.transformer_class} in runtime/adapters.py names a module this call does not run "
+                "before its blocks."
             )
         return signal
 
@@ -156,7 +162,7 @@ class TeaCacheHeadHook(ModelHook):
 
         call = BlockCall(block, args, kwargs)
         hidden_states = call.get("hidden_states")
-        signal = self._signal(call, state)
+        signal = self._signal(state)
 
         reason = self.rule.scheduled_reason(state.step, state.num_steps)
         if reason is None and self.rule.cap_reached(state.consecutive_skips):
@@ -255,16 +261,17 @@ def apply_teacache(
             f"{type(transformer).__name__}; call transformer.disable_cache() before applying TeaCache."
         )
     blocks = adapter.blocks(transformer)
-    layouts = [BlockLayout.of(block) for _, block in blocks]  # fail before registering anything
+    layouts = [adapter.layout(block) for _, block in blocks]  # fail before registering anything
+    source = adapter.signal_source(transformer, signal)
     manager = StateManager(TeaCacheState)
 
     (_, head), *rest = blocks
-    if signal == "timestep_embedding":
-        _register(adapter.timestep_module(transformer), TimestepEmbeddingHook(manager, adapter), TIMESTEP_EMBEDDING_HOOK)
     make_head = head_hook or TeaCacheHeadHook
     _register(head, make_head(manager, rule, adapter, signal, layouts[0], stats, num_steps, is_tail=not rest), HEAD_HOOK)
     for i, (_, block) in enumerate(rest, start=1):
         _register(block, TeaCacheBlockHook(manager, layouts[i], is_tail=i == len(blocks) - 1), BLOCK_HOOK)
+    # Registered last, so on the head block it wraps the head hook and reads the signal before it.
+    _register(source.module, SignalHook(manager, source), SIGNAL_HOOK)
     _invalidate_registry_cache(transformer)
 
 

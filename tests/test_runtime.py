@@ -125,16 +125,16 @@ def test_cfg_branches_decide_independently(pipes, family, signal):
     pipe = pipes[family]
     transformer = pipe.transformer
     adapter = adapter_for(transformer)
-    head = adapter.blocks(transformer)[0][1]
+    source = adapter.signal_source(transformer, signal)
     signals = []
-    if signal == "modulated_input":
-        hook = head.register_forward_pre_hook(
-            lambda m, args, kwargs: signals.append(adapter.modulated_input(BlockCall(m, args, kwargs)).detach()),
+    if source.before:
+        hook = source.module.register_forward_pre_hook(
+            lambda m, args, kwargs: signals.append(source.read(BlockCall(m, args, kwargs), None).detach()),
             with_kwargs=True,
         )
     else:
-        hook = adapter.timestep_module(transformer).register_forward_hook(
-            lambda m, args, output: signals.append(adapter.timestep_output(output).detach())
+        hook = source.module.register_forward_hook(
+            lambda m, args, output: signals.append(source.read(BlockCall(m, (), {}), output).detach())
         )
     try:
         with TeaCache.from_coefficients(coefficients(family, signal), rel_l1_thresh=0.5).apply(pipe) as cache:
@@ -310,3 +310,36 @@ def test_shape_change_and_nonfinite_signal_force_a_compute(pipes):
         ("shape_change", True),  # back to the small size: the residual is the large one's
         ("nonfinite", True),  # measured against the poisoned call's NaN signal
     ]
+
+
+def test_adapter_may_name_the_modulated_input_module_and_block_layouts(pipes, monkeypatch):
+    """The entry fields new families need (Z-Image reads its signal off `noise_refiner.0`; Lumina2's
+    blocks are unknown to diffusers' registry), exercised on Flux by naming what the default finds."""
+    import dataclasses
+
+    from runtime import ADAPTERS
+
+    pipe = pipes["flux"]
+
+    def traces():
+        with TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=0.5).apply(pipe) as cache:
+            out = generate(pipe, "flux")
+        nan_free = lambda v: None if v != v else v  # noqa: E731  (NaN at step 0 never equals itself)
+        return out, {b: [(nan_free(r.x), r.computed) for r in s.trace] for b, s in cache.stats.items()}
+
+    default_out, default_trace = traces()
+    explicit = dataclasses.replace(
+        ADAPTERS["FluxTransformer2DModel"],
+        modulated_input_module="transformer_blocks.0",
+        layouts={"FluxTransformerBlock": (1, 0), "FluxSingleTransformerBlock": (1, 0)},
+    )
+    monkeypatch.setitem(ADAPTERS, "FluxTransformer2DModel", explicit)
+    explicit_out, explicit_trace = traces()
+    assert explicit_trace == default_trace
+    assert torch.equal(torch.from_numpy(explicit_out), torch.from_numpy(default_out))
+
+    broken = dataclasses.replace(explicit, modulated_input_module="no_such.module")
+    monkeypatch.setitem(ADAPTERS, "FluxTransformer2DModel", broken)
+    with pytest.raises(UnsupportedModelError, match="no submodule 'no_such.module' for the modulated input"):
+        TeaCache.from_coefficients(coefficients("flux")).apply(pipe)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.transformer.modules())
