@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from runtime import Coefficients, DecisionDefaults, DecisionRule, ThresholdRow, replay, save_coefficients
+from runtime.coefficients import threshold_reaching
 
 from .cli import one_line_errors
 from .fitting import METHODS, FitError, PolyFit, fit_polynomial, heldout_prompts, r_squared, threshold_grid
@@ -124,13 +125,9 @@ def _fit_signal(points: Points, settings: FitSettings) -> dict[str, Any]:
     return {"fit": chosen, "plain": plain, "robust": robust, "points": points}
 
 
-def threshold_table(
-    traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings
-) -> tuple[list[ThresholdRow], list[float]]:
-    """Replay the runtime's rule on every trajectory over a grid of thresholds.
-
-    Returns the rows (mean and spread over prompts of the computed fraction) and the grid.
-    """
+def threshold_table(traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings) -> list[ThresholdRow]:
+    """Replay the runtime's rule on every trajectory over a grid of thresholds: per threshold, the
+    mean and the spread over prompts of the computed fraction."""
     by_length: dict[int, list] = {}
     for t in traces.trajectories:
         by_length.setdefault(len(t.data[field]), []).append(t)
@@ -155,15 +152,13 @@ def threshold_table(
             counts += np.bincount(ids, minlength=len(prompt_ids))
         means = sums / counts  # per prompt: over its seeds and branches
         rows.append(ThresholdRow(thresh, round(float(means.mean()), 4), round(float(means.std()), 4)))
-    return rows, grid
+    return rows
 
 
 def default_threshold(rows: list[ThresholdRow], speedup: float) -> float:
-    """The smallest threshold whose mean computed fraction is at most 1/speedup, else the largest."""
-    for row in rows:
-        if row.computed_fraction <= 1.0 / speedup:
-            return row.rel_l1_thresh
-    return rows[-1].rel_l1_thresh
+    """The threshold ``speedup=`` picks at the runtime (smallest reaching 1/speedup), else the largest."""
+    row = threshold_reaching(rows, speedup)
+    return (row or rows[-1]).rel_l1_thresh
 
 
 def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, dict[str, Any]]:
@@ -214,7 +209,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
                 "written_fit_r2_heldout": _scores(chosen, points, mask)["r2_heldout"],
             }
 
-    rows, _ = threshold_table(traces, field, chosen, settings)
+    rows = threshold_table(traces, field, chosen, settings)
     default = default_threshold(rows, settings.default_speedup)
     scores = _scores(chosen, points)
     report = {

@@ -155,15 +155,19 @@ class Coefficients:
                 f"{self.origin} has no threshold table, so speedup= cannot pick a threshold; pass rel_l1_thresh= "
                 "instead, or re-fit with `python -m calibrate.fit`, which writes the table."
             )
-        target = 1.0 / speedup
-        for row in self.thresholds:
-            if row.computed_fraction <= target:
-                return row.rel_l1_thresh
+        row = threshold_reaching(self.thresholds, speedup)
+        if row is not None:
+            return row.rel_l1_thresh
         best = min(row.computed_fraction for row in self.thresholds)
         raise ConfigError(
             f"{self.origin}: no tabulated threshold reaches speedup {speedup} (the table's best is "
             f"{1.0 / best:.2f}x); ask for a smaller speedup or pass rel_l1_thresh= directly."
         )
+
+
+def threshold_reaching(rows: "tuple[ThresholdRow, ...] | list[ThresholdRow]", speedup: float) -> ThresholdRow | None:
+    """The row of smallest threshold whose mean computed fraction is at most ``1 / speedup``, if any."""
+    return next((row for row in rows if row.computed_fraction <= 1.0 / speedup), None)
 
 
 def load_coefficients(source: str | os.PathLike[str]) -> Coefficients:
