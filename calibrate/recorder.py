@@ -21,8 +21,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from runtime.adapters import BlockCall, BlockLayout, SignalSource, adapter_for
-from runtime.hooks import current_state, rel_l1
+from runtime.adapters import BlockCall, BlockLayout, adapter_for
+from runtime.hooks import SignalHook, current_state, rel_l1
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
 _HOOKS = ("trace_root", "trace_stack", "trace_x", "trace_x_temb")
@@ -87,28 +87,6 @@ class _RootHook(ModelHook):
         return module
 
 
-class _SignalChangeHook(ModelHook):
-    """Where the runtime reads a signal (the adapter's :class:`SignalSource`), record its change."""
-
-    def __init__(self, manager: StateManager, source: SignalSource, name: str) -> None:
-        super().__init__()
-        self.state_manager = manager
-        self.source = source
-        self.name = name
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.source.before:
-            with torch.no_grad():
-                signal = self.source.read(BlockCall(module, args, kwargs), None)
-            current_state(self.state_manager).change(self.name, signal)
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if not self.source.before:
-            current_state(self.state_manager).change(self.name, self.source.read(BlockCall(module, (), {}), output))
-        return output
-
-
 class _StackHook(ModelHook):
     """On the first block: the stack input; on the last: the block-stack residual on the image stream."""
 
@@ -147,7 +125,8 @@ class TraceRecorder:
             self._register(block, hook, "trace_stack")
         for signal, name in (("modulated_input", "x"), ("timestep_embedding", "x_temb")):
             source = adapter.signal_source(transformer, signal)
-            self._register(source.module, _SignalChangeHook(manager, source, name), f"trace_{name}")
+            on_signal = lambda state, signal, name=name: state.change(name, signal)  # noqa: E731
+            self._register(source.module, SignalHook(manager, source, on_signal), f"trace_{name}")
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     @staticmethod

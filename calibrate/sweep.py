@@ -209,8 +209,8 @@ def run_sweep(cfg: DictConfig) -> Path:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r} in methods=; choose from {', '.join(METHODS)}.")
-    model = load_model(cfg.model, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
     device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
 
     settings: list[tuple[str, float | None]] = [("full", None)]
     extras: dict[str, Any] = {"steps": recipe.num_inference_steps, "mag_cache": dict(cfg.mag_cache), "current": {}}

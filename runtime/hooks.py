@@ -64,7 +64,7 @@ class TeaCacheState(BaseState):
         self.__init__()
 
 
-def current_state(manager: StateManager) -> TeaCacheState:
+def current_state(manager: StateManager) -> BaseState:
     """This context's state, or a clear error when the transformer is called outside any cache context."""
     if manager._context is None:
         raise TeaCacheError(
@@ -75,23 +75,38 @@ def current_state(manager: StateManager) -> TeaCacheState:
 
 
 class SignalHook(ModelHook):
-    """Reads this call's signal for the head hook, where the adapter's :class:`SignalSource` says."""
+    """Reads this call's signal where the adapter's :class:`SignalSource` says, and hands it on.
+
+    ``on_signal(state, signal)`` receives it: the runtime keeps it for the head hook; the calibration
+    recorder measures its change with the same hook, so both read exactly the same tensor.
+    """
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, source: SignalSource) -> None:
+    def __init__(
+        self,
+        state_manager: StateManager,
+        source: SignalSource,
+        on_signal: Callable[[BaseState, torch.Tensor], None] = lambda state, signal: setattr(state, "signal", signal),
+    ) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.source = source
+        self.on_signal = on_signal
+
+    def _read(self, call: BlockCall, output: Any) -> None:
+        with torch.no_grad():
+            signal = self.source.read(call, output)
+        self.on_signal(current_state(self.state_manager), signal)
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         if self.source.before:
-            current_state(self.state_manager).signal = self.source.read(BlockCall(module, args, kwargs), None)
+            self._read(BlockCall(module, args, kwargs), None)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         if not self.source.before:
-            current_state(self.state_manager).signal = self.source.read(BlockCall(module, (), {}), output)
+            self._read(BlockCall(module, (), {}), output)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
