@@ -18,14 +18,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import BaseState
 from torch import nn
 
+from runtime import intercept
 from runtime.adapters import BlockCall, BlockLayout, adapter_for
-from runtime.hooks import SignalHook, current_state, rel_l1
+from runtime.hooks import BranchStates, rel_l1, signal_reader
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
-_HOOKS = ("trace_root", "trace_stack", "trace_x", "trace_x_temb")
+ROOT_HOOK = "trace_root"
+_INTERCEPTORS = ("trace_stack", "trace_x", "trace_x_temb")
 
 
 class TraceState(BaseState):
@@ -53,8 +55,9 @@ class TraceState(BaseState):
 def _output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, tuple):
-        return output[0]
+    if isinstance(output, (tuple, list)):
+        first = output[0]
+        return first if isinstance(first, torch.Tensor) else torch.stack(list(first))
     return output.sample
 
 
@@ -63,7 +66,7 @@ class _RootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, manager: StateManager, sink: Callable[[dict[str, dict[str, list]]], None]) -> None:
+    def __init__(self, manager: BranchStates, sink: Callable[[dict[str, dict[str, list]]], None]) -> None:
         super().__init__()
         self.state_manager = manager
         self.sink = sink
@@ -71,42 +74,36 @@ class _RootHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         timestep = BlockCall(module, args, kwargs).get("timestep")
         value = torch.as_tensor(timestep).detach().flatten()[0].to(torch.float32)
-        current_state(self.state_manager).values["timestep"].append(value)
+        self.state_manager.get_state().values["timestep"].append(value)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        current_state(self.state_manager).change("y", _output_tensor(output))
+        self.state_manager.get_state().change("y", _output_tensor(output))
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         # The pipeline resets stateful hooks when its call ends: hand the branches over, then forget.
-        finished = {name: state.values for name, state in self.state_manager._state_cache.items()}
+        finished = {name: state.values for name, state in self.state_manager.states().items()}
         if finished:
             self.sink(finished)
         self.state_manager.reset()
         return module
 
 
-class _StackHook(ModelHook):
+def _stack_interceptor(manager: BranchStates, layout: BlockLayout, head: bool, tail: bool) -> intercept.Interceptor:
     """On the first block: the stack input; on the last: the block-stack residual on the image stream."""
 
-    def __init__(self, manager: StateManager, layout: BlockLayout, head: bool, tail: bool) -> None:
-        super().__init__()
-        self.state_manager = manager
-        self.layout = layout
-        self.head, self.tail = head, tail
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.head:
-            current_state(self.state_manager).stack_input = BlockCall(module, args, kwargs).get("hidden_states")
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if self.tail:
-            state = current_state(self.state_manager)
-            state.change("y_residual", self.layout.hidden_states(output) - state.stack_input)
+    def measure(block: nn.Module, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        state = manager.get_state()
+        if head:
+            state.stack_input = BlockCall(block, args, kwargs).get("hidden_states")
+        output = call_next(*args, **kwargs)
+        if tail:
+            state.change("y_residual", layout.hidden_states(output) - state.stack_input)
             state.stack_input = None
         return output
+
+    return measure
 
 
 class TraceRecorder:
@@ -118,20 +115,17 @@ class TraceRecorder:
         adapter = adapter_for(transformer)
         blocks = adapter.blocks(transformer)
         (_, head), (_, tail) = blocks[0], blocks[-1]
-        manager = StateManager(TraceState)
-        self._register(transformer, _RootHook(manager, self._finished.append), "trace_root")
-        for block in dict.fromkeys((head, tail)):  # one hook when the stack is a single block
-            hook = _StackHook(manager, adapter.layout(block), head=block is head, tail=block is tail)
-            self._register(block, hook, "trace_stack")
+        manager = BranchStates(TraceState)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(_RootHook(manager, self._finished.append), ROOT_HOOK)
+        for block in dict.fromkeys((head, tail)):  # one interceptor when the stack is a single block
+            measure = _stack_interceptor(manager, adapter.layout(block), head=block is head, tail=block is tail)
+            intercept.intercept(block, "trace_stack", measure)
         for signal, name in (("modulated_input", "x"), ("timestep_embedding", "x_temb")):
             source = adapter.signal_source(transformer, signal)
-            on_signal = lambda state, signal, name=name: state.change(name, signal)  # noqa: E731
-            self._register(source.module, SignalHook(manager, source, on_signal), f"trace_{name}")
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
-
-    @staticmethod
-    def _register(module: nn.Module, hook: ModelHook, name: str) -> None:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+            record = lambda signal, name=name: manager.get_state().change(name, signal)  # noqa: E731
+            intercept.intercept(source.module, f"trace_{name}", signal_reader(source, record))
+        registry.invalidate_child_registries_cache()
 
     def run(self, call: Callable[[], Any]) -> dict[str, dict[str, np.ndarray]]:
         """Run ``call`` (one pipeline call) and return ``{branch: {field: float32 array per step}}``.
@@ -163,11 +157,12 @@ class TraceRecorder:
 
     def remove(self) -> None:
         for module in self.transformer.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None:
-                for name in _HOOKS:
-                    registry.remove_hook(name, recurse=False)
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+            for name in _INTERCEPTORS:
+                intercept.release(module, name)
+        registry = getattr(self.transformer, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(ROOT_HOOK, recurse=False)
+            registry.invalidate_child_registries_cache()
 
     def __enter__(self) -> "TraceRecorder":
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from torch import nn
 from .coefficients import Coefficients, available_names, coefficients_dir, load_coefficients
 from .decision import DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
-from .hooks import apply_teacache, remove_teacache
+from .hooks import apply_teacache, remove_teacache, reset_teacache
 from .stats import BranchStats, CacheStats
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class TeaCache:
         )
         self._stats = CacheStats()
         self._transformer: nn.Module | None = None
+        self._scheduler: Any = None
 
     @classmethod
     def from_coefficients(
@@ -98,6 +100,7 @@ class TeaCache:
 
         apply_teacache(transformer, self.rule, self.signal, self._stats, num_steps)
         self._transformer = transformer
+        self._scheduler = _reset_on_new_generation(scheduler, self.reset)
         return self
 
     def remove(self) -> None:
@@ -105,11 +108,14 @@ class TeaCache:
         if self._transformer is not None:
             remove_teacache(self._transformer)
             self._transformer = None
+        if self._scheduler is not None:
+            self._scheduler.__dict__.pop("set_timesteps", None)
+            self._scheduler = None
 
     def reset(self) -> None:
         """Forget the per-branch state, as a pipeline does after each generation (for bare transformer use)."""
         if self._transformer is not None:
-            self._transformer._diffusers_hook.reset_stateful_hooks(recurse=True)
+            reset_teacache(self._transformer)
 
     @property
     def stats(self) -> dict[str, BranchStats]:
@@ -160,6 +166,25 @@ def _unpack(target: Any) -> tuple[nn.Module, Any]:
     raise UnsupportedModelError(
         f"apply() takes a diffusers pipeline with a `transformer` or a transformer module, got {type(target).__name__}."
     )
+
+
+def _reset_on_new_generation(scheduler: Any, reset: Any) -> Any:
+    """Every diffusers pipeline sets its scheduler's timesteps when a generation starts: reset there too.
+
+    The pipeline's own end-of-call reset never runs when a call raises (a cancelled request, a callback
+    that raises); without this the next call would continue the broken call's trajectory.
+    """
+    set_timesteps = getattr(scheduler, "set_timesteps", None)
+    if set_timesteps is None or "set_timesteps" in vars(scheduler):
+        return None
+
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (sigmas=, timesteps=)
+    def set_timesteps_and_reset(*args: Any, **kwargs: Any) -> Any:
+        reset()
+        return set_timesteps(*args, **kwargs)
+
+    scheduler.set_timesteps = set_timesteps_and_reset
+    return scheduler
 
 
 def _names_for_class(class_name: str) -> list[str]:

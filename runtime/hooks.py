@@ -1,17 +1,25 @@
-"""TeaCache on diffusers' hook system, built the way diffusers' FirstBlockCache is.
+"""TeaCache on a diffusers transformer: one decision per transformer call, outside compiled regions.
 
-Three hooks, one role each, sharing one ``StateManager`` (so each cache context, "cond" or
-"uncond", has its own :class:`TeaCacheState`, and the pipeline resets them after each generation):
+Three parts, one role each:
 
-- :class:`TeaCacheHeadHook` on the first block decides: it computes the signal and its change, runs
-  the decision on the device with one device-to-host read, and on a skip returns the block-stack
-  input plus the cached residual in place of the first block's output;
-- :class:`TeaCacheBlockHook` on every other block passes its input through on a skip; the tail
-  block's hook stores ``residual = stack output - stack input`` on a computed call;
-- :class:`SignalHook` reads the signal where the model's adapter says it lives (the first block's
-  arguments for the modulated input, a submodule's output for the timestep embedding).
+- :class:`TeaCacheState`: everything that changes within one generation of one cache context (CFG
+  branch), kept by a diffusers ``StateManager`` (:class:`BranchStates`), so "cond" and "uncond" each
+  have their own; a call made outside any cache context uses one state, ``"default"``.
+- :class:`TeaCacheContextHook`: a stateful ``ModelHook`` in the transformer's diffusers
+  ``HookRegistry``. It leaves the forward alone; it is how ``transformer.cache_context(...)`` reaches
+  the state manager and how the pipeline's end-of-call reset clears it.
+- :class:`TeaCacheRunner`: the work, at the calls of the block stack and of the signal's module,
+  through :mod:`runtime.intercept` (the class's ``__call__``, outside any region ``torch.compile`` made
+  of a block, so regional compilation keeps its speed and ``fullgraph=True`` works):
 
-The model's own ``norm_out``/``proj_out`` still run on a skipped call.
+  - the signal's module: this call's signal, read where the model's adapter says it lives;
+  - the head block: the decision, with one device-to-host read; on a skip it returns the stack
+    input plus the cached residual in place of the head's output;
+  - every other block: passes its input through on a skip; the tail stores
+    ``residual = stack output - stack input`` on a computed call.
+
+The model's own ``norm_out``/``proj_out`` still run on a skipped call. A call that raised inside the
+stack leaves its state marked unfinished, and the next call of that state starts a clean generation.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
+from . import intercept
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import TeaCacheError, UnsupportedModelError
@@ -32,18 +41,44 @@ from .stats import CacheStats, StepRecord
 
 logger = logging.getLogger(__name__)
 
-HEAD_HOOK = "teacache_head"
-BLOCK_HOOK = "teacache_block"
-SIGNAL_HOOK = "teacache_signal"
-_ALL_HOOKS = (HEAD_HOOK, BLOCK_HOOK, SIGNAL_HOOK)
+CONTEXT_HOOK = "teacache"
+HEAD, BLOCK, SIGNAL = "teacache_head", "teacache_block", "teacache_signal"
+DEFAULT_BRANCH = "default"
 
 NumStepsProvider = Callable[[], "int | None"]
+SignalChange = Callable[[torch.Tensor, torch.Tensor, "TeaCacheState", str], torch.Tensor]
 
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """mean(|current - previous|) / mean(|previous|) as a 0-d float32 tensor on the inputs' device."""
     change = torch.mean((current - previous).abs(), dtype=torch.float32)
     return change / torch.mean(previous.abs(), dtype=torch.float32)
+
+
+class BranchStates(StateManager):
+    """diffusers' ``StateManager``, plus one state for calls made outside any cache context.
+
+    Models without ``CacheMixin`` (SD3, Z-Image, Lumina2, HiDream) and bare sampling loops have no
+    context; their CFG is batched into one call, so one state is right for them.
+    """
+
+    @property
+    def branch(self) -> str:
+        return self._context.name if self._context is not None else DEFAULT_BRANCH
+
+    @property
+    def current_context(self) -> Any:
+        return self._context
+
+    def get_state(self) -> BaseState:
+        if self._context is None:
+            if DEFAULT_BRANCH not in self._state_cache:
+                self._state_cache[DEFAULT_BRANCH] = self._state_cls(*self._init_args, **self._init_kwargs)
+            return self._state_cache[DEFAULT_BRANCH]
+        return super().get_state()
+
+    def states(self) -> dict[str, BaseState]:
+        return dict(self._state_cache)
 
 
 class TeaCacheState(BaseState):
@@ -53,107 +88,119 @@ class TeaCacheState(BaseState):
         self.step = 0
         self.num_steps: int | None = None
         self.consecutive_skips = 0
-        self.skipping = False
         self.accumulator: torch.Tensor | None = None
         self.previous_signal: torch.Tensor | None = None
-        self.signal: torch.Tensor | None = None  # this call's, read by the SignalHook
-        self.stack_input: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
 
     def reset(self) -> None:
         self.__init__()
 
 
-def current_state(manager: StateManager) -> BaseState:
-    """This context's state, or a clear error when the transformer is called outside any cache context."""
-    if manager._context is None:
-        raise TeaCacheError(
-            "the transformer was called outside a cache context, so TeaCache cannot tell CFG branches apart; "
-            "call it through its diffusers pipeline, or wrap the call in `with transformer.cache_context('cond'):`."
-        )
-    return manager.get_state()
-
-
-class SignalHook(ModelHook):
-    """Reads this call's signal where the adapter's :class:`SignalSource` says, and hands it on.
-
-    ``on_signal(state, signal)`` receives it: the runtime keeps it for the head hook; the calibration
-    recorder measures its change with the same hook, so both read exactly the same tensor.
-    """
+class TeaCacheContextHook(ModelHook):
+    """In the transformer's HookRegistry: receives the cache context and the pipeline's reset."""
 
     _is_stateful = True
 
-    def __init__(
-        self,
-        state_manager: StateManager,
-        source: SignalSource,
-        on_signal: Callable[[BaseState, torch.Tensor], None] = lambda state, signal: setattr(state, "signal", signal),
-    ) -> None:
+    def __init__(self, state_manager: BranchStates) -> None:
         super().__init__()
         self.state_manager = state_manager
-        self.source = source
-        self.on_signal = on_signal
-
-    def _read(self, call: BlockCall, output: Any) -> None:
-        with torch.no_grad():
-            signal = self.source.read(call, output)
-        self.on_signal(current_state(self.state_manager), signal)
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.source.before:
-            self._read(BlockCall(module, args, kwargs), None)
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if not self.source.before:
-            self._read(BlockCall(module, (), {}), output)
-        return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()
         return module
 
 
-class TeaCacheHeadHook(ModelHook):
-    """On the first block: measure the signal change, decide, and skip the stack or run it."""
+def signal_reader(source: SignalSource, on_signal: Callable[[torch.Tensor], None]) -> intercept.Interceptor:
+    """An interceptor that reads the signal where ``source`` says and hands it to ``on_signal``.
 
-    _is_stateful = True
+    The runtime keeps it for the decision; the calibration recorder records its change: both read
+    exactly the same tensor through the same adapter code.
+    """
+
+    def read(module: nn.Module, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if source.before:
+            with torch.no_grad():
+                on_signal(source.read(BlockCall(module, args, kwargs), None))
+            return call_next(*args, **kwargs)
+        output = call_next(*args, **kwargs)
+        with torch.no_grad():
+            on_signal(source.read(BlockCall(module, (), {}), output))
+        return output
+
+    return read
+
+
+class TeaCacheRunner:
+    """The interceptors on the signal's module and the block stack, and the decision between them."""
 
     def __init__(
         self,
-        state_manager: StateManager,
+        state_manager: BranchStates,
         rule: DecisionRule,
         adapter: ModelAdapter,
         signal: str,
-        layout: BlockLayout,
+        source: SignalSource,
+        layouts: list[BlockLayout],
         stats: CacheStats,
         num_steps: NumStepsProvider,
-        is_tail: bool,
+        signal_change: SignalChange | None = None,
     ) -> None:
-        super().__init__()
         self.state_manager = state_manager
         self.rule = rule
         self.adapter = adapter
         self.signal = signal
-        self.layout = layout
+        self.source = source
+        self.layouts = layouts
         self.stats = stats
         self.num_steps = num_steps
-        self.is_tail = is_tail
+        self.signal_change = signal_change or (lambda signal, previous, state, branch: rel_l1(signal, previous))
         self._warned_no_step_count = False
+        # This call's scratch (transformer calls do not interleave): set by the signal and the head.
+        self._signal: torch.Tensor | None = None
+        self._state: TeaCacheState | None = None
+        self._skipping = False
+        self._stack_input: torch.Tensor | None = None
 
-    def _signal(self, state: TeaCacheState) -> torch.Tensor:
-        signal, state.signal = state.signal, None
-        if signal is None:
-            raise TeaCacheError(
-                f"the {self.signal.replace('_', ' ')} was not read before the first block ran; the adapter of "
-                f"{self.adapter.transformer_class} in runtime/adapters.py names a module this call does not run "
-                "before its blocks."
-            )
-        return signal
+    # ------------------------------------------------------------------------- interceptors
+    def receive_signal(self, signal: torch.Tensor) -> None:
+        self._signal = signal
+
+    def head(self, block: nn.Module, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        skipped = self._decide(block, args, kwargs)
+        if skipped is not None:
+            return skipped
+        output = call_next(*args, **kwargs)
+        if len(self.layouts) == 1:
+            self._store_residual(self.layouts[0], output)
+        return output
+
+    def block(self, index: int) -> intercept.Interceptor:
+        layout, is_tail = self.layouts[index], index == len(self.layouts) - 1
+
+        def pass_or_run(block: nn.Module, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+            if self._skipping:
+                call = BlockCall(block, args, kwargs)
+                encoder = call.get("encoder_hidden_states") if layout.encoder_hidden_states_index is not None else None
+                return layout.pack(call.get("hidden_states"), encoder)
+            output = call_next(*args, **kwargs)
+            if is_tail:
+                self._store_residual(layout, output)
+            return output
+
+        return pass_or_run
+
+    # ----------------------------------------------------------------------------- decision
+    def _store_residual(self, layout: BlockLayout, output: Any) -> None:
+        state = self._state
+        state.residual = layout.hidden_states(output) - self._stack_input
+        state.unfinished = False
+        self._stack_input = None
 
     def _start_generation(self, state: TeaCacheState) -> None:
-        context = self.state_manager._context
-        state.num_steps = context.num_inference_steps if context.num_inference_steps is not None else self.num_steps()
+        context = self.state_manager.current_context
+        from_context = getattr(context, "num_inference_steps", None)
+        state.num_steps = from_context if from_context is not None else self.num_steps()
         if state.num_steps is None and self.rule.final_steps > 0 and not self._warned_no_step_count:
             self._warned_no_step_count = True
             logger.warning(
@@ -162,22 +209,33 @@ class TeaCacheHeadHook(ModelHook):
                 self.rule.final_steps,
             )
 
-    def signal_change(self, signal: torch.Tensor, previous: torch.Tensor, state: TeaCacheState) -> torch.Tensor:
-        """x: the relative L1 change of the signal against the branch's previous call (0-d, on the device)."""
-        return rel_l1(signal, previous)
+    def _take_signal(self) -> torch.Tensor:
+        signal, self._signal = self._signal, None
+        if signal is None:
+            raise TeaCacheError(
+                f"the {self.signal.replace('_', ' ')} was not read before the first block ran; the adapter of "
+                f"{self.adapter.transformer_class} in runtime/adapters.py names a module this call does not run "
+                "before its blocks."
+            )
+        return signal
 
     @torch.compiler.disable
-    def new_forward(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = current_state(self.state_manager)
-        context = self.state_manager._context
-        if context.step_index == 0 and state.step > 0:
-            state.reset()  # a new generation started without the pipeline's end-of-call reset
+    def _decide(self, block: nn.Module, args: tuple, kwargs: dict) -> Any | None:
+        """The decision for this call: the skipped call's output, or None when the stack must run."""
+        manager = self.state_manager
+        state: TeaCacheState = manager.get_state()
+        context = manager.current_context
+        if state.unfinished or (getattr(context, "step_index", None) == 0 and state.step > 0):
+            # The last call raised inside the stack, or a new generation started without the pipeline's
+            # end-of-call reset: start this branch afresh.
+            state.reset()
         if state.step == 0:
             self._start_generation(state)
+        self._state = state
 
         call = BlockCall(block, args, kwargs)
         hidden_states = call.get("hidden_states")
-        signal = self._signal(state)
+        signal = self._take_signal()
 
         reason = self.rule.scheduled_reason(state.step, state.num_steps)
         if reason is None and self.rule.cap_reached(state.consecutive_skips):
@@ -193,7 +251,7 @@ class TeaCacheHeadHook(ModelHook):
         if previous is None or shape_changed:
             x = torch.full((), float("nan"), dtype=torch.float32, device=signal.device)
         else:
-            x = self.signal_change(signal, previous, state)
+            x = self.signal_change(signal, previous, state, manager.branch)
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
@@ -204,51 +262,18 @@ class TeaCacheHeadHook(ModelHook):
         if reason is None:
             finite = math.isfinite(x_value) and math.isfinite(acc_value)
             reason = SKIPPED if skipping else (THRESHOLD if finite else NONFINITE)
-        self.stats.record(
-            context.name, StepRecord(state.step, x_value, p_value, acc_value, not skipping, reason)
-        )
+        self.stats.record(manager.branch, StepRecord(state.step, x_value, p_value, acc_value, not skipping, reason))
 
         state.previous_signal = signal
         state.step += 1
-        state.skipping = skipping
+        self._skipping = skipping
         if skipping:
             state.consecutive_skips += 1
-            return self.layout.pack(hidden_states + state.residual, call.get("encoder_hidden_states"))
-
+            return self.layouts[0].pack(hidden_states + state.residual, call.get("encoder_hidden_states"))
         state.consecutive_skips = 0
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            state.residual = self.layout.hidden_states(output) - hidden_states
-        else:
-            state.stack_input = hidden_states
-        return output
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state_manager.reset()
-        return module
-
-
-class TeaCacheBlockHook(ModelHook):
-    """On every other block: pass the input through on a skip; the tail stores the residual."""
-
-    def __init__(self, state_manager: StateManager, layout: BlockLayout, is_tail: bool) -> None:
-        super().__init__()
-        self.state_manager = state_manager
-        self.layout = layout
-        self.is_tail = is_tail
-
-    @torch.compiler.disable
-    def new_forward(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = current_state(self.state_manager)
-        if state.skipping:
-            call = BlockCall(block, args, kwargs)
-            encoder = call.get("encoder_hidden_states") if self.layout.encoder_hidden_states_index is not None else None
-            return self.layout.pack(call.get("hidden_states"), encoder)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            state.residual = self.layout.hidden_states(output) - state.stack_input
-            state.stack_input = None
-        return output
+        state.unfinished = True
+        self._stack_input = hidden_states
+        return None
 
 
 def apply_teacache(
@@ -257,12 +282,12 @@ def apply_teacache(
     signal: str,
     stats: CacheStats,
     num_steps: NumStepsProvider = lambda: None,
-    head_hook: Callable[..., TeaCacheHeadHook] | None = None,
-) -> None:
-    """Register the TeaCache hooks on ``transformer``; undo with :func:`remove_teacache`.
+    signal_change: SignalChange | None = None,
+) -> TeaCacheRunner:
+    """Hook TeaCache into ``transformer``; undo with :func:`remove_teacache`.
 
-    ``head_hook`` may name a :class:`TeaCacheHeadHook` subclass (or factory) that measures the signal
-    change differently, e.g. the sweep's oracle; the decision rule and everything else stay the same.
+    ``signal_change(signal, previous, state, branch)`` may replace the relative L1 change as x (the
+    sweep's oracle feeds the true output change); the decision rule and everything else stay the same.
     """
     adapter = adapter_for(transformer)
     if is_applied(transformer):
@@ -275,55 +300,57 @@ def apply_teacache(
             f"another diffusers cache ({type(transformer._cache_config).__name__}) is enabled on this "
             f"{type(transformer).__name__}; call transformer.disable_cache() before applying TeaCache."
         )
-    blocks = adapter.blocks(transformer)
-    layouts = [adapter.layout(block) for _, block in blocks]  # fail before registering anything
+    blocks = [block for _, block in adapter.blocks(transformer)]
+    layouts = [adapter.layout(block) for block in blocks]  # fail before registering anything
     source = adapter.signal_source(transformer, signal)
-    manager = StateManager(TeaCacheState)
+    manager = BranchStates(TeaCacheState)
+    runner = TeaCacheRunner(manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change)
 
-    (_, head), *rest = blocks
-    make_head = head_hook or TeaCacheHeadHook
-    _register(head, make_head(manager, rule, adapter, signal, layouts[0], stats, num_steps, is_tail=not rest), HEAD_HOOK)
-    for i, (_, block) in enumerate(rest, start=1):
-        _register(block, TeaCacheBlockHook(manager, layouts[i], is_tail=i == len(blocks) - 1), BLOCK_HOOK)
-    # Registered last, so on the head block it wraps the head hook and reads the signal before it.
-    _register(source.module, SignalHook(manager, source), SIGNAL_HOOK)
-    _invalidate_registry_cache(transformer)
+    existed = hasattr(transformer, "_diffusers_hook")
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if not existed:
+        registry._teacache_created = True
+    registry.register_hook(TeaCacheContextHook(manager), CONTEXT_HOOK)
+    intercept.intercept(blocks[0], HEAD, runner.head)
+    for index, block in enumerate(blocks[1:], start=1):
+        intercept.intercept(block, BLOCK, runner.block(index))
+    # Registered last, so on the head block it runs outermost: the signal is read before the decision.
+    intercept.intercept(source.module, SIGNAL, signal_reader(source, runner.receive_signal))
+    registry.invalidate_child_registries_cache()
+    return runner
+
+
+def states_of(transformer: nn.Module) -> BranchStates | None:
+    """The state manager of TeaCache on ``transformer``, or None when it is not applied."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(CONTEXT_HOOK) if registry is not None else None
+    return hook.state_manager if hook is not None else None
 
 
 def is_applied(transformer: nn.Module) -> bool:
-    return any(
-        getattr(module, "_diffusers_hook", None) is not None and module._diffusers_hook.get_hook(HEAD_HOOK) is not None
-        for module in transformer.modules()
-    )
+    return states_of(transformer) is not None
+
+
+def reset_teacache(transformer: nn.Module) -> None:
+    """Forget every branch's state (what the pipeline does at the end of each call)."""
+    manager = states_of(transformer)
+    if manager is not None:
+        manager.reset()
 
 
 def remove_teacache(transformer: nn.Module) -> None:
-    """Remove every TeaCache hook, and the registries and forward wrappers that only they needed."""
+    """Remove TeaCache: every interceptor and the context hook; the model is then exactly as before."""
     for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is None or not any(name in registry.hooks for name in _ALL_HOOKS):
-            continue
-        for name in _ALL_HOOKS:
-            registry.remove_hook(name, recurse=False)
-        if not registry.hooks and getattr(registry, "_teacache_created", False):
-            del module._diffusers_hook
-            # remove_hook leaves the class's forward bound as an instance attribute; drop it.
-            bound = module.__dict__.get("forward")
-            if getattr(bound, "__func__", None) is type(module).forward:
-                del module.forward
-    _invalidate_registry_cache(transformer)
-
-
-def _register(module: nn.Module, hook: ModelHook, name: str) -> None:
-    existed = hasattr(module, "_diffusers_hook")
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    if not existed:
-        registry._teacache_created = True
-    registry.register_hook(hook, name)
-
-
-def _invalidate_registry_cache(transformer: nn.Module) -> None:
-    # Context updates walk a cached list of child registries; adding or removing hooks stales it.
+        for name in (HEAD, BLOCK, SIGNAL):
+            intercept.release(module, name)
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None:
-        registry.invalidate_child_registries_cache()
+    if registry is None or registry.get_hook(CONTEXT_HOOK) is None:
+        return
+    registry.remove_hook(CONTEXT_HOOK, recurse=False)
+    registry.invalidate_child_registries_cache()
+    if not registry.hooks and getattr(registry, "_teacache_created", False):
+        del transformer._diffusers_hook
+        # remove_hook leaves the class's forward bound as an instance attribute; drop it.
+        bound = transformer.__dict__.get("forward")
+        if getattr(bound, "__func__", None) is type(transformer).forward:
+            del transformer.forward

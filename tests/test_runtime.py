@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from runtime.intercept import intercept, original_class, release
 from calibrate.tiny import TINY_FAMILIES, TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from runtime import (
     BlockCall,
@@ -127,21 +128,23 @@ def test_cfg_branches_decide_independently(pipes, family, signal):
     adapter = adapter_for(transformer)
     source = adapter.signal_source(transformer, signal)
     signals = []
-    if source.before:
-        hook = source.module.register_forward_pre_hook(
-            lambda m, args, kwargs: signals.append(source.read(BlockCall(m, args, kwargs), None).detach()),
-            with_kwargs=True,
-        )
-    else:
-        hook = source.module.register_forward_hook(
-            lambda m, args, output: signals.append(source.read(BlockCall(m, (), {}), output).detach())
-        )
-    try:
-        with TeaCache.from_coefficients(coefficients(family, signal), rel_l1_thresh=0.5).apply(pipe) as cache:
+
+    def probe(module, call_next, args, kwargs):
+        # Outermost on its module, so it also sees the head block's skipped calls.
+        if source.before:
+            signals.append(source.read(BlockCall(module, args, kwargs), None).detach())
+            return call_next(*args, **kwargs)
+        output = call_next(*args, **kwargs)
+        signals.append(source.read(BlockCall(module, (), {}), output).detach())
+        return output
+
+    with TeaCache.from_coefficients(coefficients(family, signal), rel_l1_thresh=0.5).apply(pipe) as cache:
+        intercept(source.module, "test_probe", probe)
+        try:
             generate(pipe, family)
-            stats = cache.stats
-    finally:
-        hook.remove()
+        finally:
+            release(source.module, "test_probe")
+        stats = cache.stats
     per_branch = {"cond": signals[0::2], "uncond": signals[1::2]}
     for branch, seq in per_branch.items():
         expected = [float("nan")] + [rel_l1(seq[t], seq[t - 1]).item() for t in range(1, len(seq))]
@@ -175,7 +178,7 @@ def test_cap_on_consecutive_skips_in_a_pipeline(pipes):
     assert [r.reason for r in cache.stats["cond"].trace][3] == "max_skips"
 
 
-def test_bare_transformer_needs_a_context_and_counts_steps(pipes):
+def test_bare_transformer_without_a_context_has_one_state_and_counts_steps(pipes):
     pipe = pipes["flux"]
     transformer = pipe.transformer
     captured = {}
@@ -189,8 +192,10 @@ def test_bare_transformer_needs_a_context_and_counts_steps(pipes):
         transformer, num_inference_steps=3
     )
     try:
-        with pytest.raises(TeaCacheError, match="outside a cache context.*cache_context\\('cond'\\)"):
-            transformer(**kwargs)
+        with torch.no_grad():  # a plain sampling loop, no cache context: one state, "default"
+            outputs = [transformer(**kwargs)[0] for _ in range(3)]
+        assert [r.reason for r in cache.stats["default"].trace] == ["first", "skipped", "final"]
+        cache.reset()
         with torch.no_grad(), transformer.cache_context("cond"):
             outputs = [transformer(**kwargs)[0] for _ in range(3)]
         assert [r.reason for r in cache.stats["cond"].trace] == ["first", "skipped", "final"]
@@ -343,3 +348,4 @@ def test_adapter_may_name_the_modulated_input_module_and_block_layouts(pipes, mo
     with pytest.raises(UnsupportedModelError, match="no submodule 'no_such.module' for the modulated input"):
         TeaCache.from_coefficients(coefficients("flux")).apply(pipe)
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+    assert all(original_class(m) is type(m) for m in pipe.transformer.modules())
