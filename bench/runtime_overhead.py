@@ -9,7 +9,8 @@ Measured, each as the median of interleaved repeats (these machines are noisy):
 - a skipped call with TeaCache applied, and diffusers' FirstBlockCache skipped call on the same model;
 - the realized speedup of an N-step run with a forced schedule (a cap on consecutive skips) against
   the ideal N / N_computed.
-On CUDA it also counts host synchronizations per call and checks memory does not grow across steps.
+On CUDA it also counts host synchronizations per call, without and with TeaCache (the model itself may
+synchronize), and checks memory does not grow across steps.
 Random weights: the cost of a call does not depend on their values.
 """
 
@@ -28,6 +29,7 @@ from diffusers import FirstBlockCacheConfig, QwenImageTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime import Coefficients, DecisionDefaults, TeaCache  # noqa: E402
+from runtime.intercept import intercept, release  # noqa: E402
 
 SIZES = {
     # Qwen-Image: 60 layers, 24 heads x 128 = 3072 wide, text width 3584; 1024x1024 -> 64x64 tokens.
@@ -119,60 +121,67 @@ def measure_once(model, inputs, device: str, steps: int, cap: int) -> dict[str, 
 
 
 def head_hook_self_time(model, inputs, device: str, calls: int = 10) -> float:
-    """Seconds per call spent in the head hook itself: block 0's call minus the block's own forward.
+    """Seconds per call spent in the head's interceptors themselves: block 0's whole call (signal read,
+    decision, residual bookkeeping) minus the block's own ``_call_impl``.
 
     A decomposition inside one call, so it does not suffer the run-to-run drift of an A/B timing.
     """
+    block, spent = model.transformer_blocks[0], {"inner": 0.0, "outer": 0.0, "start": 0.0}
+
+    def outermost(module, call_next, args, kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = call_next(*args, **kwargs)
+        sync(device)
+        spent["outer"] += time.perf_counter() - start
+        return out
+
+    def before(module, args):
+        sync(device)
+        spent["start"] = time.perf_counter()
+
+    def after(module, args, output):
+        sync(device)
+        spent["inner"] += time.perf_counter() - spent["start"]
+
     with TeaCache.from_coefficients(coefficients(), rel_l1_thresh=0.0).apply(model, num_inference_steps=10**6):
-        block = model.transformer_blocks[0]
-        hook = block._diffusers_hook.hooks["teacache_head"]
-        inner_forward, spent = hook.fn_ref.original_forward, {"inner": 0.0, "outer": 0.0, "start": 0.0}
-
-        def timed_inner(*args, **kwargs):
-            sync(device)
-            start = time.perf_counter()
-            out = inner_forward(*args, **kwargs)
-            sync(device)
-            spent["inner"] += time.perf_counter() - start
-            return out
-
-        def before(module, args):
-            sync(device)
-            spent["start"] = time.perf_counter()
-
-        def after(module, args, output):
-            sync(device)
-            spent["outer"] += time.perf_counter() - spent["start"]
-
-        hook.fn_ref.original_forward = timed_inner
+        intercept(block, "bench_timer", outermost)  # registered last: runs outside the head's interceptors
         handles = [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
         try:
             timed_calls(model, inputs, device, 1)
             spent["inner"] = spent["outer"] = 0.0
             timed_calls(model, inputs, device, calls)
         finally:
-            hook.fn_ref.original_forward = inner_forward
+            release(block, "bench_timer")
             for handle in handles:
                 handle.remove()
     return (spent["outer"] - spent["inner"]) / calls
 
 
-def cuda_checks(model, inputs, steps: int, cap: int) -> dict[str, float]:
-    """Host syncs per call (torch's sync debug mode) and memory growth across an N-step run."""
+def _syncs_per_call(model, inputs, steps: int) -> tuple[list[int], list[int]]:
     counts, memory = [], []
+    with torch.no_grad(), model.cache_context("cond"):
+        for _ in range(steps):
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(**inputs)
+            torch.cuda.set_sync_debug_mode("default")
+            counts.append(sum("synchronizing" in str(w.message) for w in caught))
+            torch.cuda.synchronize()
+            memory.append(torch.cuda.memory_allocated())
+    return counts, memory
+
+
+def cuda_checks(model, inputs, steps: int, cap: int) -> dict[str, float]:
+    """Host syncs per call (torch's sync debug mode) without and with TeaCache, and memory growth."""
+    baseline, _ = _syncs_per_call(model, inputs, 3)  # the model's own (e.g. a mask-derived length)
     with TeaCache.from_coefficients(coefficients(cap)).apply(model, num_inference_steps=steps):
-        with torch.no_grad(), model.cache_context("cond"):
-            for _ in range(steps):
-                torch.cuda.set_sync_debug_mode("warn")
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    model(**inputs)
-                torch.cuda.set_sync_debug_mode("default")
-                counts.append(sum("synchronizing" in str(w.message) for w in caught))
-                torch.cuda.synchronize()
-                memory.append(torch.cuda.memory_allocated())
+        counts, memory = _syncs_per_call(model, inputs, steps)
     return {
+        "model_syncs_per_call": max(baseline),
         "max_syncs_per_call": max(counts),
+        "syncs_added_by_teacache_per_call": max(counts) - max(baseline),
         "memory_growth_bytes_after_step_2": max(memory[2:]) - memory[2],
     }
 
