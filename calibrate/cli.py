@@ -1,12 +1,34 @@
-"""What the hydra entry points share: our own errors end the run with one line, not a traceback."""
+"""What the hydra entry points share: where their configs are, and our own errors ending the run with
+one line, not a traceback.
+
+The entry points (``calibrate.record``, ``fit``, ``sweep``) import only this, hydra and light modules at
+their top; torch, diffusers and scipy load once the arguments and files have been checked.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
+import os
 import sys
+from pathlib import Path
 from typing import Iterator
 
 from runtime.errors import TeaCacheError
+
+
+def _conf_dir() -> Path:
+    """The hydra configs: an installed wheel's package data (``calibrate/_conf``, mapped from ``conf/`` by
+    pyproject.toml), else the checkout's ``conf/`` (a checkout or an editable install)."""
+    packaged = importlib.resources.files(__package__) / "_conf"
+    if packaged.is_dir():
+        return Path(os.fspath(packaged))
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+#: Absolute, so ``@hydra.main(config_path=CONF_PATH)`` works from any working directory and install.
+CONF_DIR = _conf_dir()
+CONF_PATH = str(CONF_DIR)
 
 
 @contextlib.contextmanager

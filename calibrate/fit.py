@@ -19,19 +19,20 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from runtime import Coefficients, DecisionDefaults, DecisionRule, ThresholdRow, replay, save_coefficients
-from runtime.coefficients import threshold_reaching
+from runtime.coefficients import Coefficients, DecisionDefaults, ThresholdRow, save_coefficients, threshold_reaching
 
-from .cli import one_line_errors
+from .cli import CONF_PATH, one_line_errors
 from .fitting import METHODS, FitError, PolyFit, fit_polynomial, heldout_prompts, r_squared, threshold_grid
-from .traces import TraceSet, file_digest, library_versions, load_traces
+from .traces import TraceSet, expand_paths, file_digest, library_versions, load_traces
+
+if TYPE_CHECKING:
+    from runtime.decision import DecisionRule
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,16 @@ class FitSettings:
     max_consecutive_skips: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.degree, int) or isinstance(self.degree, bool) or not 1 <= self.degree <= 12:
+            raise FitError(
+                f"degree must be an integer from 1 to 12, got {self.degree!r}; pass e.g. degree=4, the default."
+            )
+        fraction = self.heldout_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
+            raise FitError(
+                f"heldout_fraction must be a number in (0, 1), the share of prompts held out of the fit, got "
+                f"{fraction!r}; pass e.g. heldout_fraction=0.25."
+            )
         if self.method not in METHODS:
             raise FitError(f"method={self.method!r} is not one of {', '.join(METHODS)}.")
         if self.signal != "auto" and self.signal not in SIGNAL_FIELDS:
@@ -59,6 +70,8 @@ class FitSettings:
         self.rule(0.0)  # the decision settings are checked by the runtime's own rule
 
     def rule(self, rel_l1_thresh: float, fit: PolyFit | None = None) -> DecisionRule:
+        from runtime.decision import DecisionRule  # torch
+
         return DecisionRule(
             coefficients=fit.coefficients if fit else (0.0,),
             x_range=fit.x_range if fit else None,
@@ -128,6 +141,10 @@ def _fit_signal(points: Points, settings: FitSettings) -> dict[str, Any]:
 def threshold_table(traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings) -> list[ThresholdRow]:
     """Replay the runtime's rule on every trajectory over a grid of thresholds: per threshold, the
     mean and the spread over prompts of the computed fraction."""
+    import torch
+
+    from runtime.decision import replay
+
     by_length: dict[int, list] = {}
     for t in traces.trajectories:
         by_length.setdefault(len(t.data[field]), []).append(t)
@@ -165,20 +182,23 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
     """The whole fit, as a pure function of the traces; returns the coefficients and what the plot needs."""
     traces.trajectories.sort(key=lambda t: t.name)  # shards in any order give the same fit
     heldout = heldout_prompts([t.prompt for t in traces.trajectories], settings.heldout_fraction)
-    results = {}
+    results, failures = {}, {}
     for signal, field in SIGNAL_FIELDS.items():
         points = Points.gather(traces, field, heldout)
         if points.x.size == 0:
             continue
         try:
             results[signal] = _fit_signal(points, settings)
-        except FitError:
+        except FitError as exc:
             if settings.signal == signal:
                 raise
+            failures[signal] = exc
+    if not results and failures:
+        raise failures.get("modulated_input") or next(iter(failures.values()))  # the real reason, not "non-finite"
     if not results:
         raise FitError(
-            f"every point of {', '.join(map(str, traces.files))} is non-finite (NaN or inf); the traces hold nothing "
-            "to fit. Re-record them and check the model's outputs for NaN."
+            f"every point of {', '.join(map(str, traces.files))} is non-finite (NaN or inf), so the traces hold "
+            "nothing to fit; re-record them and check the model's outputs for NaN."
         )
     if settings.signal == "auto":
         scored = {s: _scores(r["robust"], r["points"])["r2_heldout"] for s, r in results.items()}
@@ -279,18 +299,62 @@ def run_fit(cfg: DictConfig) -> Path:
         final_steps=cfg.final_steps,
         max_consecutive_skips=cfg.max_consecutive_skips,
     )
-    traces = load_traces(list(cfg.traces) if not isinstance(cfg.traces, str) else cfg.traces)
+    from runtime.coefficients import commit_file, unwritable
+    from runtime.errors import CoefficientsError
+
+    if cfg.out is not None and not isinstance(cfg.out, str):
+        raise CoefficientsError(f"out={cfg.out!r} is not a path; pass e.g. out=coefficients/<model>.json.")
+    if cfg.out:  # an out= that cannot be written is refused before the traces are even read
+        _check_outputs(Path(cfg.out), cfg.plot)
+    traces = load_traces(traces_spec(cfg.traces))
     if traces.duplicates:
         log.info("skipped %d trajectories found in more than one file", traces.duplicates)
-    coefficients, extras = fit_traces(traces, settings)
     out = Path(cfg.out) if cfg.out else Path("coefficients") / f"{traces.model}.json"
-    save_coefficients(coefficients, out)
-    if cfg.plot:
-        from .plots import plot_fit
+    if not cfg.out:
+        _check_outputs(out, cfg.plot)
+    coefficients, extras = fit_traces(traces, settings)
+    png, staged = out.with_suffix(".png"), None
+    if cfg.plot:  # rendered first, so that a failure leaves both files as they were
+        from .plots import fit_figure, stage_figure
 
-        plot_fit(out.with_suffix(".png"), coefficients, extras)
+        staged = stage_figure(fit_figure(coefficients, extras), png, error=CoefficientsError)
+    try:
+        save_coefficients(coefficients, out)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        try:
+            commit_file(staged, png)
+        except OSError as exc:
+            raise CoefficientsError(unwritable(png, exc)) from None
     _summary(out, coefficients)
     return out
+
+
+def traces_spec(value: Any) -> Any:
+    """``traces=`` as :func:`calibrate.traces.load_traces` takes it: a path or glob, or a list of them."""
+    if isinstance(value, str) or value is None or isinstance(value, (int, float)):
+        return value if isinstance(value, str) else str(value)
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return str(value)
+
+
+def _check_outputs(out: Path, plot: bool) -> None:
+    from runtime.errors import CoefficientsError
+
+    from .traces import check_output
+
+    check_output(out, error=CoefficientsError)
+    if out.suffix != ".json":  # the PNG goes to out with .png: out=x.png would be overwritten by it
+        raise CoefficientsError(
+            f"out={out} does not end in .json; pass a coefficients file path such as {out.with_suffix('.json')}."
+        )
+    if plot:
+        check_output(out.with_suffix(".png"), error=CoefficientsError)
 
 
 def _summary(out: Path, c: Coefficients) -> None:
@@ -305,9 +369,10 @@ def _summary(out: Path, c: Coefficients) -> None:
     print("\n".join(lines))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="fit")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
+        expand_paths(traces_spec(cfg.traces))  # before torch loads
         run_fit(cfg)
 
 

@@ -20,7 +20,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 from runtime.errors import TeaCacheError
 
@@ -80,6 +79,8 @@ def fit_polynomial(x: np.ndarray, y: np.ndarray, degree: int = 4, method: str = 
 
 
 def _robust_monotone(x: np.ndarray, y: np.ndarray, degree: int, x_range: tuple[float, float]) -> tuple[float, ...]:
+    from scipy.optimize import minimize  # imported here: the command lines check their arguments first
+
     scale = x_range[1]  # fit in u = x / scale, in [lo/scale, 1], for a well-conditioned problem
     u = x / scale
     powers = np.arange(degree, -1, -1)

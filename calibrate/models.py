@@ -35,10 +35,33 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` (cuda when torch sees one, else cpu) or a torch device that exists on this machine."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={name} was asked for but torch sees no CUDA device; pass device=cpu.")
+    if not isinstance(name, str):
+        raise ModelLoadError(f"device={name!r} is not a device name; pass device=auto, cpu, cuda or cuda:<index>.")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(
+            f"device={name} is not a device torch knows; pass device=auto, cpu, cuda or cuda:<index>."
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device={name} was asked for but torch sees no CUDA device; pass device=cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={name} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s); pass "
+                f"device=cuda:0 up to cuda:{torch.cuda.device_count() - 1}, or device=cpu."
+            )
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            raise ModelLoadError(
+                f"device={name} was asked for but torch has no usable {device.type} backend here; pass "
+                "device=auto, cpu or cuda."
+            )
     return name
 
 

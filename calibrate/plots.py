@@ -1,4 +1,8 @@
-"""The PNG beside a coefficients file: judge the fit and the threshold curve at a glance."""
+"""The PNG beside a coefficients file: judge the fit and the threshold curve at a glance.
+
+PNGs are written like the JSON: a temp file beside the target, fsync, the mode of the file replaced,
+rename, so a kill mid-write never leaves a truncated PNG.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,36 @@ import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from runtime import Coefficients  # noqa: E402
+from runtime.coefficients import commit_file, stage_file, unwritable  # noqa: E402
+from runtime.errors import TeaCacheError  # noqa: E402
+
+
+def stage_figure(fig: Any, path: Path, error: type[TeaCacheError] = TeaCacheError) -> Path:
+    """Render ``fig`` as PNG into a fsync'd temp file beside ``path`` (see ``runtime.coefficients.stage_file``)
+    and close it; returns the temp path for ``commit_file``. A failed write raises ``error``, changing nothing."""
+    try:
+        return stage_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    except OSError as exc:
+        raise error(unwritable(Path(path), exc)) from None
+    finally:
+        plt.close(fig)
+
+
+def save_figure(fig: Any, path: Path, error: type[TeaCacheError] = TeaCacheError) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically (temp, fsync, rename) and close it."""
+    staged = stage_figure(fig, path, error)
+    try:
+        return commit_file(staged, path)
+    except OSError as exc:
+        raise error(unwritable(Path(path), exc)) from None
 
 
 def plot_fit(path: Path, coefficients: Coefficients, extras: dict[str, Any]) -> Path:
+    """:func:`fit_figure` written to ``path`` atomically."""
+    return save_figure(fit_figure(coefficients, extras), path)
+
+
+def fit_figure(coefficients: Coefficients, extras: dict[str, Any]) -> Any:
     """Left: the (x, y) cloud, training and held-out, with the written fit and the plain fit.
     Right: threshold -> mean computed fraction (band: spread over prompts), default marked."""
     result = extras["results"][extras["signal"]]
@@ -63,9 +94,7 @@ def plot_fit(path: Path, coefficients: Coefficients, extras: dict[str, Any]) -> 
     right.set_title("threshold -> computed fraction (ideal speedup = 1 / fraction)")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 _STYLES = {
@@ -99,6 +128,4 @@ def plot_pareto(path: Path, rows: list, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -17,10 +18,8 @@ from tqdm.auto import tqdm
 
 from runtime.errors import ConfigError
 
-from .cli import one_line_errors
-from .models import load_model, resolve_device, resolve_dtype
+from .cli import CONF_DIR, CONF_PATH, one_line_errors
 from .recipe import Recipe
-from .recorder import TraceRecorder
 from .traces import TraceWriter, run_key
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,6 @@ def shard_path(out: Path, shard: int, num_shards: int) -> Path:
     if num_shards == 1:
         return out
     return out.with_name(f"{out.stem}.shard-{shard}-of-{num_shards}{out.suffix}")
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def prompt_texts(cfg: DictConfig, model_key: str = "prompt_set") -> list[str]:
@@ -70,25 +66,38 @@ def record(cfg: DictConfig) -> Path:
     recipe = Recipe.from_config(cfg)
     work = work_list(cfg)
     out = shard_path(Path(cfg.out), cfg.shard, cfg.num_shards)
-    writer = TraceWriter(out, model=cfg.model.name, recipe=recipe)  # refuses a foreign file before any loading
-    todo = [(i, p, s) for i, p, s in work if run_key(p, s, recipe) not in writer.done]
-    if len(todo) < len(work):
-        log.info("%s already holds %d of this shard's %d runs; recording the other %d", out, len(work) - len(todo), len(work), len(todo))
-    if not todo:
-        return out
+    # The writer checks that out= can be written, takes the file's writer lock (a second recorder on the
+    # same file is refused) and refuses a foreign file, all before any loading; closing it releases the
+    # lock and, if nothing was written, leaves the disk as it was.
+    with TraceWriter(out, model=cfg.model.name, recipe=recipe) as writer:
+        todo = [(i, p, s) for i, p, s in work if run_key(p, s, recipe) not in writer.done]
+        if len(todo) < len(work):
+            log.info("%s already holds %d of this shard's %d runs; recording the other %d", out, len(work) - len(todo), len(work), len(todo))
+        if not todo:
+            return out
 
-    model = load_model(cfg.model, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
-    writer.bind(type(model.transformer).__name__)
-    with TraceRecorder(model.transformer) as recorder:
-        bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True)
-        for prompt_index, prompt, seed in bar:
-            branches = recorder.run(lambda: model.generate(prompt, seed, recipe))
-            writer.append(run_key(prompt, seed, recipe), prompt, prompt_index, seed, branches)
-    log.info("%s holds %d runs of this shard", out, len(writer.done))
+        from .models import resolve_device, resolve_dtype  # torch and diffusers load here, after the checks above
+        from .recorder import TraceRecorder
+
+        model = load_model(cfg.model, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
+        writer.bind(type(model.transformer).__name__)
+        with TraceRecorder(model.transformer) as recorder:
+            bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True)
+            for prompt_index, prompt, seed in bar:
+                branches = recorder.run(lambda: model.generate(prompt, seed, recipe))
+                writer.append(run_key(prompt, seed, recipe), prompt, prompt_index, seed, branches)
+        log.info("%s holds %d runs of this shard", out, len(writer.done))
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="record")
+def load_model(model_cfg: DictConfig, device: str, dtype: Any) -> Any:
+    """:func:`calibrate.models.load_model`, imported on the first call (it brings torch and diffusers)."""
+    from .models import load_model as load
+
+    return load(model_cfg, device, dtype)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="record")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         path = record(cfg)

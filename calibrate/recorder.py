@@ -24,6 +24,7 @@ from torch import nn
 from runtime import intercept
 from runtime.adapters import BlockCall, BlockLayout, adapter_for
 from runtime.hooks import BranchStates, rel_l1, signal_reader
+from runtime.parallel import block_local_arguments, context_parallel_group, rel_l1_across
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
 ROOT_HOOK = "trace_root"
@@ -38,11 +39,16 @@ class TraceState(BaseState):
         self.values: dict[str, list[torch.Tensor]] = {name: [] for name in MEASURED}
         self.stack_input: torch.Tensor | None = None
 
-    def change(self, name: str, current: torch.Tensor) -> None:
-        """Append the rel-L1 change of ``current`` against the previous call's tensor of the same name."""
+    def change(self, name: str, current: torch.Tensor, group: Any = None) -> None:
+        """Append the rel-L1 change of ``current`` against the previous call's tensor of the same name.
+
+        Under context parallelism (``group``), of the whole tensor that ``current`` is this rank's part of.
+        """
         previous = self.previous.get(name)
         if previous is None or previous.shape != current.shape:
             value = torch.full((), float("nan"), dtype=torch.float32, device=current.device)
+        elif group is not None:
+            value = rel_l1_across(current, previous, group)
         else:
             value = rel_l1(current, previous)
         self.previous[name] = current.detach()
@@ -78,7 +84,7 @@ class _RootHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.state_manager.get_state().change("y", _output_tensor(output))
+        self.state_manager.get_state().change("y", _output_tensor(output), context_parallel_group(module))
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -90,16 +96,20 @@ class _RootHook(ModelHook):
         return module
 
 
-def _stack_interceptor(manager: BranchStates, layout: BlockLayout, head: bool, tail: bool) -> intercept.Interceptor:
+def _stack_interceptor(
+    transformer: nn.Module, manager: BranchStates, layout: BlockLayout, head: bool, tail: bool
+) -> intercept.Interceptor:
     """On the first block: the stack input; on the last: the block-stack residual on the image stream."""
 
     def measure(block: nn.Module, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         state = manager.get_state()
-        if head:
-            state.stack_input = BlockCall(block, args, kwargs).get("hidden_states")
+        group = context_parallel_group(transformer)
+        if head:  # as the block receives it: this rank's shard under context parallelism
+            local_args, local_kwargs = block_local_arguments(block, args, kwargs) if group is not None else (args, kwargs)
+            state.stack_input = BlockCall(block, local_args, local_kwargs).get("hidden_states")
         output = call_next(*args, **kwargs)
         if tail:
-            state.change("y_residual", layout.hidden_states(output) - state.stack_input)
+            state.change("y_residual", layout.residual(output, state.stack_input), group)
             state.stack_input = None
         return output
 
@@ -119,11 +129,13 @@ class TraceRecorder:
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(_RootHook(manager, self._finished.append), ROOT_HOOK)
         for block in dict.fromkeys((head, tail)):  # one interceptor when the stack is a single block
-            measure = _stack_interceptor(manager, adapter.layout(block), head=block is head, tail=block is tail)
+            measure = _stack_interceptor(transformer, manager, adapter.layout(block), head=block is head, tail=block is tail)
             intercept.intercept(block, "trace_stack", measure)
         for signal, name in (("modulated_input", "x"), ("timestep_embedding", "x_temb")):
             source = adapter.signal_source(transformer, signal)
-            record = lambda signal, name=name: manager.get_state().change(name, signal)  # noqa: E731
+            record = lambda signal, name=name: manager.get_state().change(  # noqa: E731
+                name, signal, context_parallel_group(transformer)
+            )
             intercept.intercept(source.module, f"trace_{name}", signal_reader(source, record))
         registry.invalidate_child_registries_cache()
 
@@ -134,6 +146,10 @@ class TraceRecorder:
         """
         self._finished.clear()
         call()
+        if not self._finished and not hasattr(self.transformer, "_reset_stateful_cache"):
+            # diffusers resets stateful hooks at the end of a pipeline call only for CacheMixin models;
+            # SD3, Z-Image, Lumina2 and HiDream have none, so hand their branches over here.
+            self.transformer._diffusers_hook.reset_stateful_hooks()
         if not self._finished:
             raise RuntimeError(
                 "the pipeline call ended without resetting its stateful hooks, so no trace was handed over; "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -28,27 +27,30 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import hydra
 import numpy as np
-import torch
-from diffusers import FirstBlockCacheConfig, MagCacheConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from runtime import Coefficients, DecisionRule, TeaCache, adapter_for, load_coefficients
+from runtime.coefficients import Coefficients, load_coefficients
 from runtime.errors import ConfigError, TeaCacheError
-from runtime.hooks import TeaCacheHeadHook, TeaCacheState, apply_teacache, remove_teacache
 from runtime.stats import CacheStats
 
-from .cli import one_line_errors
-from .metrics import Lpips, psnr, ssim
-from .models import LoadedModel, load_model, resolve_device, resolve_dtype
+from .cli import CONF_PATH, one_line_errors
 from .recipe import Recipe
 from .record import prompt_texts
-from .recorder import TraceRecorder
 from .traces import TraceFileError, load_traces
+
+# torch, diffusers, the runtime's hooks, scipy (metrics) and the models load inside the functions that
+# use them, once run_sweep has checked its arguments and files.
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.hooks import TeaCacheState
+
+    from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class ComputeProbe:
     """Counts transformer calls and the calls in which the last block really ran (its attention)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
+        from runtime.adapters import adapter_for
+
         last = adapter_for(transformer).blocks(transformer)[-1][1]
         attention = next(m for name, m in last.named_children() if name.startswith("attn"))
         self.calls = self.computed = 0
@@ -88,16 +92,16 @@ class ComputeProbe:
             handle.remove()
 
 
-class OracleHeadHook(TeaCacheHeadHook):
-    """TeaCache's head hook with x replaced by the true output change of full compute at this step."""
+class OracleChange:
+    """x replaced by the true output change of full compute at this step: TeaCache's rule, perfectly informed."""
 
-    def __init__(self, *args: Any, true_changes: dict, current: dict, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, true_changes: dict, current: dict) -> None:
         self.true_changes = true_changes
         self.current = current
 
-    def signal_change(self, signal: torch.Tensor, previous: torch.Tensor, state: TeaCacheState) -> torch.Tensor:
-        branch = self.state_manager._context.name
+    def __call__(self, signal: torch.Tensor, previous: torch.Tensor, state: TeaCacheState, branch: str) -> torch.Tensor:
+        import torch
+
         value = self.true_changes[self.current["key"]][branch][state.step]
         return torch.tensor(value, dtype=torch.float32, device=signal.device)
 
@@ -116,6 +120,8 @@ def teacache_thresholds(coefficients: Coefficients, points: int) -> list[float]:
 
 def magcache_ratios(model: LoadedModel, recipe: Recipe, prompt: str, seed: int) -> list[float]:
     """Run diffusers' MagCache calibrate mode once and read the ratios it prints (cond branch)."""
+    from diffusers import MagCacheConfig
+
     transformer = model.transformer
     transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=recipe.num_inference_steps))
     printed = io.StringIO()
@@ -162,6 +168,11 @@ def held_out_work(cfg: DictConfig, coefficients: Coefficients) -> list[tuple[str
 def method_applied(
     method: str, setting: float | None, model: LoadedModel, coefficients: Coefficients, extras: dict[str, Any]
 ) -> Iterator[None]:
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+
+    from runtime import DecisionRule, TeaCache
+    from runtime.hooks import apply_teacache, remove_teacache
+
     transformer = model.transformer
     if method == "full":
         yield
@@ -172,8 +183,8 @@ def method_applied(
         d = coefficients.defaults
         rule = DecisionRule((1.0, 0.0), None, setting, d.warmup_steps, d.final_steps, d.max_consecutive_skips)
         scheduler = model.pipe.scheduler
-        head = functools.partial(OracleHeadHook, true_changes=extras["true_changes"], current=extras["current"])
-        apply_teacache(transformer, rule, "modulated_input", CacheStats(), lambda: len(scheduler.timesteps), head)
+        oracle = OracleChange(extras["true_changes"], extras["current"])
+        apply_teacache(transformer, rule, "modulated_input", CacheStats(), lambda: len(scheduler.timesteps), oracle)
         try:
             yield
         finally:
@@ -200,6 +211,13 @@ def method_applied(
 
 
 def run_sweep(cfg: DictConfig) -> Path:
+    from .traces import check_output
+
+    for name in ("repeats", "teacache_points", "limit"):  # checked before anything loads
+        value = cfg.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}; pass a positive count, e.g. {name}=1.")
+    check_output(Path(str(cfg.out)), folder=True, error=ConfigError)
     coefficients = load_coefficients(cfg.coefficients)
     recipe = Recipe.from_config(cfg)
     if recipe.for_coefficients() != dict(coefficients.recipe):
@@ -209,6 +227,12 @@ def run_sweep(cfg: DictConfig) -> Path:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r} in methods=; choose from {', '.join(METHODS)}.")
+    import torch  # and diffusers with the models: only now, after the checks above
+
+    from .metrics import Lpips, psnr, ssim
+    from .models import load_model, resolve_device, resolve_dtype
+    from .recorder import TraceRecorder
+
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
 
@@ -288,8 +312,7 @@ def run_sweep(cfg: DictConfig) -> Path:
             )
         )
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(str(cfg.out))
     document = {
         "model": cfg.model.name,
         "coefficients": str(cfg.coefficients),
@@ -301,7 +324,13 @@ def run_sweep(cfg: DictConfig) -> Path:
         "psnr_note": "mean over outputs, each capped at 100 dB; null when every output equals full compute",
         "rows": [asdict(r) for r in rows],
     }
-    (out / "sweep.json").write_text(json.dumps(document, indent=1) + "\n")
+    from runtime.coefficients import unwritable, write_atomically
+
+    text = json.dumps(document, indent=1) + "\n"
+    try:  # atomically, like every file the tools write: a kill or a full disk never leaves half a file
+        write_atomically(out / "sweep.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(unwritable(out / "sweep.json", exc)) from None
     from .plots import plot_pareto
 
     plot_pareto(out / "pareto.png", rows, title=f"{cfg.model.name}: {len(work)} held-out outputs, {recipe.num_inference_steps} steps")
@@ -317,7 +346,7 @@ def _print_table(rows: list[Row]) -> None:
         print(f"{r.method:<18} {setting:>8} {r.computed_fraction:>9.3f} {r.wall_speedup:>8.2f} {quality:>8} {r.ssim:>7.4f}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="sweep")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         run_sweep(cfg)

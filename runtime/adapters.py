@@ -30,13 +30,23 @@ class BlockCall:
     kwargs: dict[str, Any]
 
     def get(self, name: str, default: Any = None) -> Any:
-        """The argument called ``name`` in the block's forward signature, positional or keyword."""
+        """The argument called ``name`` in the block's forward signature, positional or keyword.
+
+        Where the signature has no ``name``, its other spelling in diffusers (:data:`ALIASES`): Z-Image
+        calls its image stream ``x`` and its timestep ``t``, HiDream its timestep ``timesteps``.
+        """
+        indices = _parameter_indices(type(self.block))
+        if name not in indices:
+            name = next((alias for alias in ALIASES.get(name, ()) if alias in indices), name)
         if name in self.kwargs:
             return self.kwargs[name]
-        index = _parameter_indices(type(self.block)).get(name)
+        index = indices.get(name)
         if index is not None and index < len(self.args):
             return self.args[index]
         return default
+
+
+ALIASES: dict[str, tuple[str, ...]] = {"hidden_states": ("x",), "timestep": ("timesteps", "t")}
 
 
 _PARAMETER_INDICES: dict[type, dict[str, int]] = {}
@@ -50,12 +60,29 @@ def _parameter_indices(cls: type) -> dict[str, int]:
     return indices
 
 
+IMAGE_TOKENS = ("all", "first", "last")
+
+
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a block class returns its image (hidden) stream and, if any, its text (encoder) stream."""
+    """Where a block class returns its image (hidden) stream and, if any, its text (encoder) stream.
+
+    ``image_tokens`` says where the image tokens sit in the returned hidden stream: ``"all"`` when it
+    is the image stream itself; ``"first"``/``"last"`` when the model concatenated text and image
+    tokens into one stream between block lists (Flux2 and Chroma single blocks run on
+    ``[text; image]``, HiDream's on ``[image; text]``), so that the stack residual is taken on the
+    image tokens only, the part of the stream the model keeps after its last block.
+    """
 
     hidden_states_index: int
     encoder_hidden_states_index: int | None
+    image_tokens: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.image_tokens not in IMAGE_TOKENS:
+            raise UnsupportedModelError(
+                f"a block layout's image_tokens is {self.image_tokens!r}; use one of {', '.join(IMAGE_TOKENS)}."
+            )
 
     @classmethod
     def of(cls, block: nn.Module) -> "BlockLayout":
@@ -83,6 +110,14 @@ class BlockLayout:
         """The image stream out of a block's return value."""
         return output if self.encoder_hidden_states_index is None else output[self.hidden_states_index]
 
+    def residual(self, output: Any, stack_input: torch.Tensor) -> torch.Tensor:
+        """The block-stack residual: this (tail) block's image tokens minus the head block's input."""
+        hidden = self.hidden_states(output)
+        if self.image_tokens != "all":
+            tokens = stack_input.shape[1]
+            hidden = hidden[:, :tokens] if self.image_tokens == "first" else hidden[:, hidden.shape[1] - tokens :]
+        return hidden - stack_input
+
 
 @dataclass(frozen=True)
 class SignalSource:
@@ -107,8 +142,10 @@ class ModelAdapter:
       block of the stack (Z-Image and Lumina2 modulate first in ``noise_refiner.0``).
     - ``timestep_embedding``: dotted path of the submodule whose output is the timestep embedding,
       and ``timestep_embedding_index`` the position in that output when it is a tuple.
-    - ``layouts``: block class name -> (hidden index, encoder index or None) of what a block returns,
-      for block classes diffusers' ``TransformerBlockRegistry`` does not know.
+    - ``layouts``: block class name -> ``(hidden index, encoder index or None[, image_tokens])`` of
+      what a block returns (see :class:`BlockLayout`), for block classes diffusers'
+      ``TransformerBlockRegistry`` does not know or where the image stream is part of a joint one; or
+      a callable ``block -> tuple`` where one wrapper class serves several kinds of block (HiDream).
     """
 
     transformer_class: str
@@ -117,7 +154,7 @@ class ModelAdapter:
     timestep_embedding: str
     timestep_embedding_index: int | None = None
     modulated_input_module: str | None = None
-    layouts: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
+    layouts: Mapping[str, tuple | Callable[[nn.Module], tuple]] = field(default_factory=dict)
 
     def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(qualified name, block)`` for every block of the stack, in call order."""
@@ -137,6 +174,8 @@ class ModelAdapter:
     def layout(self, block: nn.Module) -> BlockLayout:
         """Where ``block`` returns its streams: this adapter's ``layouts``, else diffusers' registry."""
         known = self.layouts.get(type(block).__name__)
+        if callable(known):
+            known = known(block)
         return BlockLayout(*known) if known is not None else BlockLayout.of(block)
 
     def signal_source(self, transformer: nn.Module, signal: str) -> SignalSource:
@@ -235,5 +274,271 @@ register_adapter(
         # signal upstream TeaCache4Wan2.1 fitted its published coefficients on.
         timestep_embedding="condition_embedder",
         timestep_embedding_index=0,
+    )
+)
+
+
+# ---------------------------------------------------------------------- more families (diffusers 0.42)
+#
+# Each entry below was checked on a tiny random-init config of the real class: the modulated input
+# equals the tensor the first block's attention receives, threshold 0 is bit-identical to no cache,
+# and the recorder reads the same x as the runtime (tests/test_families.py).
+
+
+def _hunyuan_video_modulated_input(call: BlockCall) -> torch.Tensor:
+    # The token-replace (I2V) blocks' norm1 also takes the clean-frame embedding and its token count.
+    token_replace_emb = call.get("token_replace_emb")
+    if token_replace_emb is None:
+        return _norm1_modulated_input(call)
+    return call.block.norm1(call.get("hidden_states"), call.get("temb"), token_replace_emb, call.get("num_tokens"))[0]
+
+
+def _ltx_modulated_input(call: BlockCall) -> torch.Tensor:
+    block, temb, hidden_states = call.block, call.get("temb"), call.get("hidden_states")
+    table = block.scale_shift_table
+    ada = table[None, None].to(temb.device) + temb.reshape(hidden_states.size(0), temb.size(1), table.shape[0], -1)
+    shift, scale = ada.unbind(dim=2)[:2]
+    return block.norm1(hidden_states) * (1 + scale) + shift
+
+
+def _cogvideox_modulated_input(call: BlockCall) -> torch.Tensor:
+    # CogVideoXLayerNormZero modulates the image and text streams together; [0] is the image one.
+    return call.block.norm1(call.get("hidden_states"), call.get("encoder_hidden_states"), call.get("temb"))[0]
+
+
+def _temb_positional_norm1_modulated_input(call: BlockCall) -> torch.Tensor:
+    # norm1(hidden_states, temb) -> (modulated, gates...): Mochi, Lumina2's refiner blocks.
+    return call.block.norm1(call.get("hidden_states"), call.get("temb"))[0]
+
+
+def _flux2_modulated_input(call: BlockCall) -> torch.Tensor:
+    # The modulation is computed once per call outside the blocks and handed to each as `temb_mod_img`.
+    block = call.block
+    mod = call.get("temb_mod_img")
+    if mod.ndim == 2:
+        mod = mod.unsqueeze(1)
+    shift, scale = mod.chunk(6, dim=-1)[:2]  # Flux2Modulation.split(mod, 2)[0][:2]
+    return (1 + scale) * block.norm1(call.get("hidden_states")) + shift
+
+
+def _z_image_modulated_input(call: BlockCall) -> torch.Tensor:
+    # Z-Image modulates by scale only: attention_norm1(x) * (1 + scale_msa).
+    block, adaln_input = call.block, call.get("adaln_input")
+    if adaln_input is None:
+        raise UnsupportedModelError(
+            "Z-Image's omni mode (per-token modulation with siglip features) has no TeaCache adapter yet; "
+            "call the transformer without siglip_feats/image_noise_mask."
+        )
+    scale_msa = 1.0 + block.adaLN_modulation(adaln_input).unsqueeze(1).chunk(4, dim=2)[0]
+    return block.attention_norm1(call.get("hidden_states")) * scale_msa
+
+
+def _chroma_modulated_input(call: BlockCall) -> torch.Tensor:
+    # A double block's temb is its own slice of the precomputed modulation: 6 image rows, then 6 text rows.
+    return call.block.norm1(call.get("hidden_states"), emb=call.get("temb")[:, :6])[0]
+
+
+def _hidream_modulated_input(call: BlockCall) -> torch.Tensor:
+    block = call.block.block  # HiDreamBlock wraps the double- or single-stream block
+    hidden_states = call.get("hidden_states")
+    mod = block.adaLN_modulation(call.get("temb"))[:, None]
+    shift, scale = mod.chunk(mod.shape[-1] // hidden_states.shape[-1], dim=-1)[:2]
+    return block.norm1_i(hidden_states).to(dtype=hidden_states.dtype) * (1 + scale) + shift
+
+
+def _hidream_layout(block: nn.Module) -> tuple:
+    # Double-stream blocks return (image, text); single-stream ones the joint [image; text] stream.
+    if type(block.block).__name__ == "HiDreamImageSingleTransformerBlock":
+        return (0, None, "first")
+    return (0, 1)
+
+
+register_adapter(
+    ModelAdapter(
+        transformer_class="HunyuanVideoTransformer3DModel",
+        # The token refiner (context_embedder.token_refiner) runs on the text tokens, a different
+        # sequence: it stays outside the cached stack and runs on every call.
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        modulated_input=_hunyuan_video_modulated_input,
+        timestep_embedding="time_text_embed",  # (temb, token_replace_emb)
+        timestep_embedding_index=0,
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="HunyuanImageTransformer2DModel",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),  # token refiner excluded, as above
+        modulated_input=_norm1_modulated_input,
+        timestep_embedding="time_guidance_embed",
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="SD3Transformer2DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_norm1_modulated_input,
+        timestep_embedding="time_text_embed",
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="LTXVideoTransformer3DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_ltx_modulated_input,
+        timestep_embedding="time_embed",  # (temb, embedded_timestep): the embedding before its 6-way projection
+        timestep_embedding_index=1,
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="CogVideoXTransformer3DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_cogvideox_modulated_input,
+        timestep_embedding="time_embedding",
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="MochiTransformer3DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_temb_positional_norm1_modulated_input,
+        timestep_embedding="time_embed",  # (temb, caption tokens)
+        timestep_embedding_index=0,
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="Flux2Transformer2DModel",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        modulated_input=_flux2_modulated_input,
+        timestep_embedding="time_guidance_embed",
+        # Single blocks run on the joint [text; image] stream the model concatenates after the double ones.
+        layouts={"Flux2SingleTransformerBlock": (0, None, "last")},
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="ZImageTransformer2DModel",
+        # The refiners run on the image and caption tokens apart; `layers` on the unified sequence.
+        # Only `layers` is cached (head input and tail output are the same stream); the modulated
+        # input is read where the image tokens are first modulated, in noise_refiner.0.
+        block_lists=("layers",),
+        modulated_input=_z_image_modulated_input,
+        modulated_input_module="noise_refiner.0",
+        timestep_embedding="t_embedder",
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="Lumina2Transformer2DModel",
+        block_lists=("layers",),  # refiners excluded, as for Z-Image
+        modulated_input=_temb_positional_norm1_modulated_input,
+        modulated_input_module="noise_refiner.0",
+        timestep_embedding="time_caption_embed",  # (temb, caption tokens)
+        timestep_embedding_index=0,
+        layouts={"Lumina2TransformerBlock": (0, None)},
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="ChromaTransformer2DModel",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        modulated_input=_chroma_modulated_input,
+        # The approximator's output, from which every block's modulation is sliced.
+        timestep_embedding="distilled_guidance_layer",
+        layouts={
+            "ChromaTransformerBlock": (1, 0),
+            "ChromaSingleTransformerBlock": (0, None, "last"),  # the joint [text; image] stream
+        },
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="HiDreamImageTransformer2DModel",
+        block_lists=("double_stream_blocks", "single_stream_blocks"),
+        modulated_input=_hidream_modulated_input,
+        timestep_embedding="t_embedder",
+        layouts={"HiDreamBlock": _hidream_layout},
+    )
+)
+
+
+def _sana_modulated_input(call: BlockCall) -> torch.Tensor:
+    # Sana hands each block the 6-way projected timestep as `timestep`.
+    block, hidden_states = call.block, call.get("hidden_states")
+    shift, scale = (block.scale_shift_table[None] + call.get("timestep").reshape(hidden_states.shape[0], 6, -1)).chunk(
+        6, dim=1
+    )[:2]
+    return (block.norm1(hidden_states) * (1 + scale) + shift).to(hidden_states.dtype)
+
+
+def _cosmos_modulated_input(call: BlockCall) -> torch.Tensor:
+    block, hidden_states = call.block, call.get("hidden_states")
+    if block.before_proj is not None:
+        raise UnsupportedModelError(
+            "Cosmos ControlNet blocks (before_proj) have no TeaCache adapter; apply TeaCache to the base transformer."
+        )
+    extra_pos_emb = call.get("extra_pos_emb")
+    if extra_pos_emb is not None:  # each block adds the learnable positional embedding before its norm
+        hidden_states = hidden_states + extra_pos_emb
+    return block.norm1(hidden_states, call.get("embedded_timestep"), call.get("temb"))[0]
+
+
+def _skyreels_v2_modulated_input(call: BlockCall) -> torch.Tensor:
+    block, temb = call.block, call.get("temb")
+    if temb.dim() == 4:  # diffusion forcing: a per-token modulation, [batch, 6, tokens, dim]
+        shift, scale = [e.squeeze(1) for e in (block.scale_shift_table.unsqueeze(2) + temb.float()).chunk(6, dim=1)[:2]]
+    else:
+        shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+    hidden_states = call.get("hidden_states")
+    return (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+
+
+register_adapter(
+    ModelAdapter(
+        transformer_class="SanaTransformer2DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_sana_modulated_input,
+        timestep_embedding="time_embed",  # (6-way projection, embedded timestep)
+        timestep_embedding_index=1,
+        layouts={"SanaTransformerBlock": (0, None)},
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="CogView4Transformer2DModel",
+        block_lists=("transformer_blocks",),
+        # CogView4AdaLayerNormZero modulates image and text together; [0] is the image stream.
+        modulated_input=_cogvideox_modulated_input,
+        timestep_embedding="time_condition_embed",
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="CosmosTransformer3DModel",
+        block_lists=("transformer_blocks",),
+        modulated_input=_cosmos_modulated_input,
+        timestep_embedding="time_embed",  # (temb, embedded_timestep)
+        timestep_embedding_index=1,
+        layouts={"CosmosTransformerBlock": (0, None)},
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="SkyReelsV2Transformer3DModel",
+        block_lists=("blocks",),
+        modulated_input=_skyreels_v2_modulated_input,
+        timestep_embedding="condition_embedder",  # (temb, timestep_proj, text, image), as for Wan
+        timestep_embedding_index=0,
+        layouts={"SkyReelsV2TransformerBlock": (0, None)},
+    )
+)
+register_adapter(
+    ModelAdapter(
+        transformer_class="HunyuanVideo15Transformer3DModel",
+        block_lists=("transformer_blocks",),  # the token refiner runs on the text tokens: not cached
+        modulated_input=_norm1_modulated_input,
+        timestep_embedding="time_embed",
+        layouts={"HunyuanVideo15TransformerBlock": (0, 1)},
     )
 )

@@ -14,13 +14,15 @@ evaluates an x outside it at the nearest boundary instead of extrapolating the p
 from __future__ import annotations
 
 import dataclasses
+import errno
+import importlib.resources
 import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import CoefficientsError, ConfigError
 
@@ -33,10 +35,15 @@ _ENV_DIR = "TEACACHE_COEFFICIENTS_DIR"
 
 
 def coefficients_dir() -> Path:
-    """The folder that names resolve in: ``$TEACACHE_COEFFICIENTS_DIR``, else the checkout's ``coefficients/``."""
+    """The folder that names resolve in: ``$TEACACHE_COEFFICIENTS_DIR``; else the shipped files, the
+    package data of an installed wheel (``runtime/_coefficients``) or the checkout's ``coefficients/``
+    (an editable install)."""
     override = os.environ.get(_ENV_DIR)
     if override:
         return Path(override)
+    packaged = importlib.resources.files(__package__) / "_coefficients"
+    if packaged.is_dir():
+        return Path(os.fspath(packaged))
     return Path(__file__).resolve().parent.parent / "coefficients"
 
 
@@ -177,6 +184,11 @@ def load_coefficients(source: str | os.PathLike[str]) -> Coefficients:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CoefficientsError(f"cannot read coefficients file {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError as exc:
+        raise CoefficientsError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}), so it is not a "
+            "coefficients file; re-create it with `python -m calibrate.fit` or save it as UTF-8 JSON."
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -189,7 +201,14 @@ def load_coefficients(source: str | os.PathLike[str]) -> Coefficients:
 
 def resolve_coefficients(source: str | os.PathLike[str]) -> Path:
     """A path as given, or the file that a bare name (``qwen_image``) stands for."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise CoefficientsError(
+            f"the coefficients source must be a coefficients name or a path (str or os.PathLike), or a loaded "
+            f"Coefficients object, not {type(source).__name__} {source!r}; pass e.g. 'qwen_image' or a .json path."
+        )
     text = os.fspath(source)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
     as_path = Path(text)
     looks_like_path = as_path.suffix == ".json" or os.sep in text or "/" in text
     if looks_like_path or as_path.is_file():
@@ -228,21 +247,105 @@ def coefficients_from_dict(data: Any, origin: str = "<memory>") -> Coefficients:
 
 
 def save_coefficients(coefficients: Coefficients, path: str | os.PathLike[str]) -> Path:
-    """Write ``coefficients`` as JSON atomically (a crash never leaves half a file), and return the path."""
+    """Write ``coefficients`` as JSON atomically (a crash never leaves half a file), and return the path.
+
+    The file gets the mode of the file it replaces, else the umask's. A write that fails (a full or
+    read-only disk, a path that is a folder) raises :class:`CoefficientsError` and leaves ``path`` as it was.
+    """
     path = Path(path)
     document = coefficients.to_dict()
     _validate(document, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1, allow_nan=False)
-            handle.write("\n")
+        write_atomically(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+    except OSError as exc:
+        raise CoefficientsError(unwritable(path, exc)) from None
+    return path
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+
+
+def unwritable(path: Path, exc: OSError) -> str:
+    """The sentence for an output that could not be written: what, why, the fix, and that nothing changed."""
+    path = Path(path)
+    state = "nothing was written" if not path.is_file() else f"{path.name} was left as it was"
+    if isinstance(exc, IsADirectoryError) and path.is_dir():
+        return f"cannot write {path}: it is a folder; pass a file path instead ({state})."
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, NotADirectoryError):
+        return f"cannot write {path}: {reason}; pass a path under a folder instead ({state})."
+    fix = "free some space on that disk" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "pass a writable path"
+    return f"cannot write {path} ({reason}); {fix} and run again ({state})."
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode of the file ``path`` replaces, else what ``open()`` would give a new file under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _check_target(path: Path) -> None:
+    """Refuse an output path that is a folder or lies under a file, with the reason as an OSError."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "it is a folder; pass a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(20, f"{parent} is a file, not a folder")
+            break
+
+
+def stage_file(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write a file's new content beside it, not yet in place: ``write(tmp)`` fills a temp file, which is
+    then flushed to disk (fsync) and given the mode of ``path`` (else the umask's). Returns the temp path
+    for :func:`commit_file`; on any error the temp file is removed and the error raised."""
+    path = Path(path)
+    _check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600
+        write(tmp)
+        with open(tmp, "rb") as raw:
+            os.fsync(raw.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit_file(tmp: Path, path: str | os.PathLike[str]) -> Path:
+    """Rename a staged temp file over ``path`` (atomic on POSIX) and flush the folder entry."""
+    path = Path(path)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder; the rename itself is done
+    finally:
+        os.close(folder)
     return path
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Temp file beside ``path``, ``write(tmp)``, fsync, mode of the replaced file, rename: at any moment
+    ``path`` is the old file or the new one, never a half-written one."""
+    return commit_file(stage_file(path, write), path)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -271,6 +374,25 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite32(value: Any) -> bool:
+    """A number the runtime can hold in float32 (it evaluates the polynomial on the device in float32)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value) and abs(float(value)) <= _FLOAT32_MAX
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters, so a huge value cannot flood the one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fail(origin: str, field_name: str, problem: str, fix: str) -> CoefficientsError:
@@ -306,12 +428,20 @@ def _validate(data: Any, origin: str) -> None:
     if (
         not isinstance(coefficients, list)
         or not coefficients
-        or not all(_is_number(c) and math.isfinite(c) for c in coefficients)
+        or not all(_is_number(c) for c in coefficients)
     ):
         raise _fail(
             origin,
             "coefficients",
-            f"must be a non-empty list of finite numbers (highest power first), got {coefficients!r}",
+            f"must be a non-empty list of finite numbers (highest power first), got {_short(coefficients)}",
+            refit,
+        )
+    if not all(_finite32(c) for c in coefficients):
+        raise _fail(
+            origin,
+            "coefficients",
+            f"holds {_short(next(c for c in coefficients if not _finite32(c)))}, which is not a finite float32 "
+            "number (|c| <= 3.4e38) as the runtime evaluates the polynomial in float32",
             refit,
         )
 
@@ -332,10 +462,17 @@ def _validate(data: Any, origin: str) -> None:
     elif (
         not isinstance(x_range, list)
         or len(x_range) != 2
-        or not all(_is_number(v) and math.isfinite(v) for v in x_range)
+        or not all(_is_number(v) for v in x_range)
         or not 0 <= x_range[0] <= x_range[1]
     ):
-        raise _fail(origin, "x_range", f"must be [low, high] with 0 <= low <= high, got {x_range!r}", refit)
+        raise _fail(origin, "x_range", f"must be [low, high] with 0 <= low <= high, got {_short(x_range)}", refit)
+    elif not all(_finite32(v) for v in x_range):
+        raise _fail(
+            origin,
+            "x_range",
+            f"is {_short(x_range)}, not finite float32 numbers (<= 3.4e38) as the runtime compares x in float32",
+            refit,
+        )
 
     recipe = data.get("recipe") or {}
     if not isinstance(recipe, dict):

@@ -34,6 +34,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from . import intercept
+from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import TeaCacheError, UnsupportedModelError
@@ -136,6 +137,7 @@ class TeaCacheRunner:
 
     def __init__(
         self,
+        transformer: nn.Module,
         state_manager: BranchStates,
         rule: DecisionRule,
         adapter: ModelAdapter,
@@ -146,6 +148,7 @@ class TeaCacheRunner:
         num_steps: NumStepsProvider,
         signal_change: SignalChange | None = None,
     ) -> None:
+        self.transformer = transformer
         self.state_manager = state_manager
         self.rule = rule
         self.adapter = adapter
@@ -154,7 +157,7 @@ class TeaCacheRunner:
         self.layouts = layouts
         self.stats = stats
         self.num_steps = num_steps
-        self.signal_change = signal_change or (lambda signal, previous, state, branch: rel_l1(signal, previous))
+        self.signal_change = signal_change
         self._warned_no_step_count = False
         # This call's scratch (transformer calls do not interleave): set by the signal and the head.
         self._signal: torch.Tensor | None = None
@@ -193,7 +196,7 @@ class TeaCacheRunner:
     # ----------------------------------------------------------------------------- decision
     def _store_residual(self, layout: BlockLayout, output: Any) -> None:
         state = self._state
-        state.residual = layout.hidden_states(output) - self._stack_input
+        state.residual = layout.residual(output, self._stack_input)
         state.unfinished = False
         self._stack_input = None
 
@@ -232,6 +235,9 @@ class TeaCacheRunner:
         if state.step == 0:
             self._start_generation(state)
         self._state = state
+        group = context_parallel_group(self.transformer)
+        if group is not None:  # this rank's shard of the stack input, as the block's own split hooks make it
+            args, kwargs = block_local_arguments(block, args, kwargs)
 
         call = BlockCall(block, args, kwargs)
         hidden_states = call.get("hidden_states")
@@ -250,12 +256,19 @@ class TeaCacheRunner:
             reason = SHAPE_CHANGE
         if previous is None or shape_changed:
             x = torch.full((), float("nan"), dtype=torch.float32, device=signal.device)
-        else:
+        elif self.signal_change is not None:
             x = self.signal_change(signal, previous, state, manager.branch)
+        elif group is not None:
+            x = rel_l1_across(signal, previous, group)
+        else:
+            x = rel_l1(signal, previous)
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
         p, candidate, skip, state.accumulator = self.rule.accumulate(x, state.accumulator, reason is not None)
+        if group is not None:
+            skip = agree_on_skip(skip, group)
+            state.accumulator = torch.where(skip, candidate, torch.zeros_like(candidate))
         # The one device-to-host read of this call: the decision and its numbers for `stats`.
         x_value, p_value, acc_value, skip_value = torch.stack((x, p, candidate, skip.float())).tolist()
         skipping = skip_value > 0.5
@@ -304,7 +317,7 @@ def apply_teacache(
     layouts = [adapter.layout(block) for block in blocks]  # fail before registering anything
     source = adapter.signal_source(transformer, signal)
     manager = BranchStates(TeaCacheState)
-    runner = TeaCacheRunner(manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change)
+    runner = TeaCacheRunner(transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change)
 
     existed = hasattr(transformer, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(transformer)

@@ -1,9 +1,9 @@
 """The runtime on tiny random-init configs of the real diffusers pipelines (never mocks)."""
 
+import numpy as np
 import pytest
 import torch
 
-from runtime.intercept import intercept, original_class, release
 from calibrate.tiny import TINY_FAMILIES, TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from runtime import (
     BlockCall,
@@ -15,6 +15,7 @@ from runtime import (
     adapter_for,
     rel_l1,
 )
+from runtime.intercept import intercept, original_class, release
 
 CLASSES = {
     "qwen_image": "QwenImageTransformer2DModel",
@@ -216,19 +217,21 @@ def test_coefficients_of_another_class_are_refused(pipes):
 
 
 def test_unsupported_transformer_is_refused():
-    from diffusers import SD3Transformer2DModel
+    from diffusers import AuraFlowTransformer2DModel  # a class with no TeaCache adapter
 
-    sd3 = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+    aura = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, out_channels=4, pos_embed_max_size=16,
     )
     doc = coefficients("flux").to_dict()
-    doc["transformer_class"] = "SD3Transformer2DModel"
+    doc["transformer_class"] = "AuraFlowTransformer2DModel"
     from runtime import coefficients_from_dict
 
     cache = TeaCache.from_coefficients(coefficients_from_dict(doc))
-    with pytest.raises(UnsupportedModelError, match="no adapter for SD3Transformer2DModel; supported transformer classes: Flux"):
-        cache.apply(sd3)
+    with pytest.raises(
+        UnsupportedModelError, match="no adapter for AuraFlowTransformer2DModel; supported transformer classes: .*FluxTransformer2DModel"
+    ):
+        cache.apply(aura)
     with pytest.raises(UnsupportedModelError, match="takes a diffusers pipeline"):
         cache.apply(object())
 
@@ -349,3 +352,86 @@ def test_adapter_may_name_the_modulated_input_module_and_block_layouts(pipes, mo
         TeaCache.from_coefficients(coefficients("flux")).apply(pipe)
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.transformer.modules())
     assert all(original_class(m) is type(m) for m in pipe.transformer.modules())
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["callback", "inside_stack"])
+def test_a_generation_that_raises_leaves_no_state_behind(pipes, where):
+    """A cancelled request (a callback that raises) or a fault inside the block stack: the next pipeline
+    call equals a clean one, output and decisions. QwenImage passes no step index to the cache."""
+    pipe = pipes["qwen_image"]
+    kwargs = {**TINY_RECIPES["qwen_image"], **tiny_prompt_embeds(pipe, "qwen_image", "a red fox", negative_prompt="")}
+
+    def run(**extra):
+        return pipe(**kwargs, **extra, generator=torch.Generator().manual_seed(0), output_type="np")[0]
+
+    with TeaCache.from_coefficients(coefficients("qwen_image"), rel_l1_thresh=0.5).apply(pipe) as cache:
+        clean = run()
+        clean_trace = [(r.step, r.computed, r.reason) for r in cache.stats["cond"].trace]
+        assert any(not computed for _, computed, _ in clean_trace)  # the threshold really skips
+
+        if where == "callback":
+            def stop_at_step_3(pipeline, step, timestep, callback_kwargs):
+                if step == 3:
+                    raise _Stop
+                return callback_kwargs
+
+            with pytest.raises(_Stop):
+                run(callback_on_step_end=stop_at_step_3)
+        else:
+            blocks = adapter_for(pipe.transformer).blocks(pipe.transformer)
+            attention = blocks[1][1].attn
+            calls = [0]
+
+            def fail_on_the_third_computed_call(module, args, output):
+                calls[0] += 1
+                if calls[0] == 3:
+                    raise _Stop
+
+            handle = attention.register_forward_hook(fail_on_the_third_computed_call)
+            try:
+                with pytest.raises(_Stop):
+                    run()
+            finally:
+                handle.remove()
+
+        again = run()
+        assert [(r.step, r.computed, r.reason) for r in cache.stats["cond"].trace] == clean_trace
+    np.testing.assert_array_equal(again, clean)
+
+
+def test_one_host_read_per_transformer_call(pipes, monkeypatch):
+    """Every way a tensor reaches the host is counted, with and without TeaCache: the cache adds one read
+    per call (the decision and its numbers for `stats`), on computed and skipped calls alike."""
+    pipe = pipes["flux"]
+    transformer = pipe.transformer
+    kwargs = _transformer_kwargs(pipe, "flux")
+    reads = [0]
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kw):
+            reads[0] += 1
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_per_call(calls):
+        counts = []
+        with torch.no_grad(), transformer.cache_context("cond"):
+            for _ in range(calls):
+                reads[0] = 0
+                transformer(**kwargs)
+                counts.append(reads[0])
+        return counts
+
+    baseline = reads_per_call(3)
+    with TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=10.0).apply(
+        transformer, num_inference_steps=6
+    ) as cache:
+        cached = reads_per_call(6)
+    assert [r.computed for r in cache.stats["cond"].trace] == [True, False, False, False, False, True]
+    assert cached == [baseline[0] + 1] * 6, (baseline, cached)

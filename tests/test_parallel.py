@@ -1,0 +1,67 @@
+"""TeaCache and the recorder under diffusers' context parallelism: two gloo ranks on CPU (Ulysses).
+
+Ring attention needs the attention's log-sum-exp, which CPU backends lack: it runs on GPUs only and
+is not tested here. The worker is tests/_cp_worker.py; a hung collective fails the test by timeout.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FAMILIES = ("qwen_image", "flux", "wan")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "_cp_worker.py"), "--out", str(out)]
+    try:
+        done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two context-parallel ranks did not finish in 240 s (a hung collective?)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {f: [torch.load(out / f"{f}.rank{r}.pt", weights_only=False) for r in (0, 1)] for f in FAMILIES}
+
+
+def nan_free(decisions):
+    return {b: [(c, None if x != x else x) for c, x in trace] for b, trace in decisions.items()}
+
+
+def close(a, b, atol=1e-5):
+    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_parallel_teacache_equals_single_process(ranks, family):
+    rank0, rank1 = ranks[family]
+    single = rank0["single_decisions"]
+    assert any(not computed for trace in single.values() for computed, _ in trace)  # the threshold skips
+    for key in ("cp_decisions", "cp_decisions_before"):  # applied after, and before, enable_parallelism
+        for rank in (rank0, rank1):
+            assert [[c for c, _ in rank[key][b]] for b in sorted(single)] == [[c for c, _ in single[b]] for b in sorted(single)]
+            for branch in single:
+                np.testing.assert_allclose([x for _, x in rank[key][branch]], [x for _, x in single[branch]], rtol=1e-5)
+        assert nan_free(rank0[key]) == nan_free(rank1[key])  # both ranks: the same decisions on the same x
+    for rank in (rank0, rank1):
+        assert close(rank["cp_full"], rank["single_full"])  # context parallelism itself is exact
+        assert close(rank["cp_cached"], rank["single_cached"])
+        assert close(rank["cp_cached_before"], rank["single_cached"])
+        assert all(torch.equal(a, b) for a, b in zip(rank["cp_zero"], rank["cp_full"]))  # threshold 0: no cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_parallel_recording_equals_single_process(ranks, family):
+    for rank in ranks[family]:
+        single, cp = rank["single_trace"], rank["cp_trace"]
+        assert sorted(cp) == sorted(single) == ["cond", "uncond"]
+        for branch in single:
+            for field in ("timestep", "x", "x_temb", "y", "y_residual"):
+                np.testing.assert_allclose(cp[branch][field], single[branch][field], rtol=1e-4, atol=1e-6, equal_nan=True)
