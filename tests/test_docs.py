@@ -32,3 +32,20 @@ def test_readme_names_only_shipped_coefficients():
     listed = re.search(r"ships the published polynomials of\n(.+?) untouched", text, flags=re.S).group(1)
     names = set(re.findall(r"`(\w+)`", listed))
     assert names and names <= set(available_names())
+
+
+def test_readme_runtime_example_runs_as_written_on_the_bundled_model(capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using the runtime", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```python\n(.+?)\n```", section, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    computed, skipped = map(int, capsys.readouterr().out.split())
+    assert computed + skipped == 25 and skipped > 0
+    assert namespace["image"].size == (32, 32)
+    assert not any(type(m).__dict__.get("_intercepted_from") for m in namespace["pipe"].transformer.modules())
+
+
+def test_readme_speaks_only_of_what_users_have():
+    text = (ROOT / "README.md").read_text()
+    assert "../shared" not in text and "brief" not in text.lower()
