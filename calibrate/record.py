@@ -9,6 +9,7 @@ one machine, submitit launcher for SLURM): one file per shard, fitted together b
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, TeaCacheError
 
 from .cli import CONF_DIR, CONF_PATH, one_line_errors
+from .parallel import parallel_settings
 from .recipe import Recipe
 from .traces import TraceWriter, run_key
 
@@ -65,28 +67,74 @@ def record(cfg: DictConfig) -> Path:
     """Record this shard's work list into its trace file; returns the file's path."""
     recipe = Recipe.from_config(cfg)
     work = work_list(cfg)
+    run = parallel_settings(cfg)
     out = shard_path(Path(cfg.out), cfg.shard, cfg.num_shards)
+    if run is not None:
+        return _record_context_parallel(cfg, recipe, work, run, out)
     # The writer checks that out= can be written, takes the file's writer lock (a second recorder on the
     # same file is refused) and refuses a foreign file, all before any loading; closing it releases the
     # lock and, if nothing was written, leaves the disk as it was.
     with TraceWriter(out, model=cfg.model.name, recipe=recipe) as writer:
-        todo = [(i, p, s) for i, p, s in work if run_key(p, s, recipe) not in writer.done]
-        if len(todo) < len(work):
-            log.info("%s already holds %d of this shard's %d runs; recording the other %d", out, len(work) - len(todo), len(work), len(todo))
+        todo = _todo(work, writer, recipe, out)
         if not todo:
             return out
-
         from .models import resolve_device, resolve_dtype  # torch and diffusers load here, after the checks above
-        from .recorder import TraceRecorder
 
         model = load_model(cfg.model, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
-        writer.bind(type(model.transformer).__name__)
-        with TraceRecorder(model.transformer) as recorder:
-            bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True)
-            for prompt_index, prompt, seed in bar:
-                branches = recorder.run(lambda: model.generate(prompt, seed, recipe))
-                writer.append(run_key(prompt, seed, recipe), prompt, prompt_index, seed, branches)
+        _record_runs(cfg, model, recipe, todo, writer, out)
         log.info("%s holds %d runs of this shard", out, len(writer.done))
+    return out
+
+
+def _todo(work: list[tuple[int, str, int]], writer: TraceWriter, recipe: Recipe, out: Path) -> list[tuple[int, str, int]]:
+    todo = [(i, p, s) for i, p, s in work if run_key(p, s, recipe) not in writer.done]
+    if len(todo) < len(work):
+        log.info("%s already holds %d of these %d runs; recording the other %d", out, len(work) - len(todo), len(work), len(todo))
+    return todo
+
+
+def _record_runs(cfg: DictConfig, model: Any, recipe: Recipe, todo: list, writer: TraceWriter | None, out: Path) -> None:
+    """Run the work list at full compute; ``writer`` None: measure only (a context-parallel rank > 0)."""
+    from .recorder import TraceRecorder
+
+    if writer is not None:
+        writer.bind(type(model.transformer).__name__)
+    with TraceRecorder(model.transformer) as recorder:
+        bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True, disable=writer is None)
+        for prompt_index, prompt, seed in bar:
+            branches = recorder.run(lambda: model.generate(prompt, seed, recipe))
+            if writer is not None:
+                writer.append(run_key(prompt, seed, recipe), prompt, prompt_index, seed, branches)
+
+
+def _record_context_parallel(cfg: DictConfig, recipe: Recipe, work: list, run: Any, out: Path) -> Path:
+    """Every rank records in lockstep; rank 0 alone owns the file (lock, resume, writes)."""
+    from . import parallel
+    from .models import resolve_device, resolve_dtype
+
+    device = parallel.start(run, resolve_device(cfg.device))
+    try:
+        writer = None
+        if run.writes:
+            try:
+                writer = TraceWriter(out, model=cfg.model.name, recipe=recipe)
+                todo = _todo(work, writer, recipe, out)
+            except TeaCacheError as exc:
+                parallel.share(run, ConfigError(str(exc)))
+                raise
+            parallel.share(run, todo)
+        else:
+            todo = parallel.share(run, None)
+        try:
+            if todo:
+                model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
+                parallel.enable(model.transformer, run, device)
+                _record_runs(cfg, model, recipe, todo, writer, out)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        parallel.finish()
     return out
 
 
@@ -101,7 +149,8 @@ def load_model(model_cfg: DictConfig, device: str, dtype: Any) -> Any:
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         path = record(cfg)
-    print(f"traces: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"traces: {path}")
 
 
 if __name__ == "__main__":

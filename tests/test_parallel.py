@@ -65,3 +65,40 @@ def test_context_parallel_recording_equals_single_process(ranks, family):
         for branch in single:
             for field in ("timestep", "x", "x_temb", "y", "y_residual"):
                 np.testing.assert_allclose(cp[branch][field], single[branch][field], rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_calibrate_record_under_torchrun_equals_a_single_process_recording(tmp_path):
+    """`torchrun --nproc_per_node=2 -m calibrate.record ... parallel.ulysses_degree=2`: rank 0 writes once,
+    and the traces equal a single-process recording of the same work."""
+    import h5py
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["model=tiny_qwen_image", "limit=2", "device=cpu"]
+    single, cp = tmp_path / "single.h5", tmp_path / "cp.h5"
+    done = subprocess.run([sys.executable, "-m", "calibrate.record", *common, f"out={single}",
+                           f"hydra.run.dir={tmp_path / 'h1'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "calibrate.record", *common, "parallel.ulysses_degree=2", f"out={cp}", f"hydra.run.dir={tmp_path / 'h2'}"]
+    try:
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two context-parallel recorders did not finish in 240 s (a hung collective?)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("traces:") == 1  # rank 0 alone reports (and writes)
+    with h5py.File(single) as a, h5py.File(cp) as b:
+        assert sorted(a["runs"]) == sorted(b["runs"]) and len(a["runs"]) == 4
+        for name in a["runs"]:
+            for field in ("timestep", "x", "x_temb", "y", "y_residual"):
+                np.testing.assert_allclose(b["runs"][name][field][()], a["runs"][name][field][()], rtol=1e-4, atol=1e-6)
+
+
+def test_parallel_settings_are_checked_before_anything_loads(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "calibrate.record", "model=tiny_qwen_image", "parallel.ulysses_degree=2",
+                           f"out={tmp_path / 't.h5'}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "error: parallel.ulysses_degree x parallel.ring_degree = 2 needs 2 processes" in done.stderr
+    assert "torchrun --nproc_per_node=2" in done.stderr and not (tmp_path / "t.h5").exists()
