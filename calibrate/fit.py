@@ -15,6 +15,7 @@ With no arguments it fits what ``python -m calibrate.record`` with no arguments 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -255,7 +256,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         signal=signal,
         coefficients=chosen.coefficients,
         x_range=chosen.x_range,
-        recipe=traces.recipe.for_coefficients(),
+        recipe={**traces.recipe.for_coefficients(), **({"pipeline": traces.pipeline_class} if traces.pipeline_class else {})},
         defaults=DecisionDefaults(
             rel_l1_thresh=default,
             warmup_steps=settings.warmup_steps,
@@ -273,6 +274,32 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         },
     )
     return coefficients, {"results": results, "signal": signal, "rows": rows, "default": default}
+
+
+def fit_pipeline(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, dict[str, Any]]:
+    """:func:`fit_traces` per expert: one polynomial, x range, table and default threshold for each of the
+    pipeline's transformers (Wan2.2: ``transformer`` and ``transformer_2``), in one file. Every expert uses
+    the signal chosen for ``transformer`` (a file names one signal)."""
+    experts = traces.experts
+    if experts == ["transformer"]:
+        return fit_traces(traces, settings)
+    main, extras = fit_traces(traces.of_expert("transformer"), settings)
+    same_signal = dataclasses.replace(settings, signal=main.signal)
+    entries = {}
+    for name in experts:
+        if name == "transformer":
+            continue
+        own, _ = fit_traces(traces.of_expert(name), same_signal)
+        entries[name] = {
+            "coefficients": list(own.coefficients),
+            "x_range": list(own.x_range),
+            "rel_l1_thresh": own.defaults.rel_l1_thresh,
+            "thresholds": [dataclasses.asdict(row) for row in own.thresholds],
+            "fit": dict(own.fit or {}),
+        }
+        log.info("expert %s: R^2 %.3f (held out %.3f)", name, own.fit["r2"], own.fit["r2_heldout"])
+    provenance = {**main.provenance, "trajectories": len(traces.trajectories)}
+    return dataclasses.replace(main, experts=entries, provenance=provenance), extras
 
 
 def _rounded(value: Any, key: str | None = None) -> Any:
@@ -312,7 +339,7 @@ def run_fit(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else Path("coefficients") / f"{traces.model}.json"
     if not cfg.out:
         _check_outputs(out, cfg.plot)
-    coefficients, extras = fit_traces(traces, settings)
+    coefficients, extras = fit_pipeline(traces, settings)
     png, staged = out.with_suffix(".png"), None
     if cfg.plot:  # rendered first, so that a failure leaves both files as they were
         from .plots import fit_figure, stage_figure

@@ -5,10 +5,14 @@ Three sources:
   through the pipeline's own text encoder;
 - ``tiny``: a tiny random-init pipeline of a real diffusers class (calibrate.tiny); prompts map to
   embeddings seeded by their text;
-- ``reference``: the trained reference model shipped in this repository (reference/).
+- ``reference``: the trained reference model shipped in this repository (reference/);
+- ``reference_video``: the trained video reference model shipped in this repository (reference_video/).
 """
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -99,6 +103,7 @@ class LoadedModel:
 def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
     """Build the pipeline a model config describes, on ``device`` in ``dtype``."""
     source = model_cfg.source
+    edit_images = _edit_images(model_cfg)
     if source == "tiny":
         from .tiny import build_tiny_pipeline, tiny_prompt_embeds
 
@@ -119,6 +124,17 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
         def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
             return reference_prompt_kwargs(encoder, prompt, negative, device=device)
 
+    elif source == "reference_video":
+        from reference_video.pipeline import load_video_pipeline, video_prompt_kwargs
+
+        try:
+            pipe, video_encoder = load_video_pipeline(model_cfg.get("path"), device=device, dtype=dtype)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+            return video_prompt_kwargs(video_encoder, prompt, negative, device=device)
+
     elif source == "hub":
         pipe = _from_pretrained(model_cfg, dtype).to(device)
 
@@ -127,8 +143,10 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
 
     else:
         raise ModelLoadError(
-            f"model.source={source!r} in model config {model_cfg.name!r} is not one of hub, tiny, reference."
+            f"model.source={source!r} in model config {model_cfg.name!r} is not one of hub, tiny, reference, reference_video."
         )
+    if edit_images is not None:
+        prompt_kwargs = _with_edit_images(prompt_kwargs, edit_images)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(
         name=model_cfg.name,
@@ -137,6 +155,35 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
         guidance_kwarg=model_cfg.guidance_kwarg,
         call_kwargs=dict(model_cfg.get("call_kwargs") or {}),
     )
+
+
+def _edit_images(model_cfg: Any) -> list[Path] | None:
+    """The input images of an image-editing hub pipeline (checked before anything loads), else None."""
+    folder = model_cfg.get("edit_images")
+    if folder is None and not str(model_cfg.get("pipeline") or "").endswith("EditPipeline"):
+        return None
+    if folder is None:
+        raise ModelLoadError(
+            f"model={model_cfg.name} is an image-editing pipeline and needs an input image per prompt; pass "
+            "model.edit_images=/folder/of/images (png, jpg or webp)."
+        )
+    files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ModelLoadError(f"model.edit_images={folder} holds no png, jpg or webp images; point it at a folder of input images.")
+    return files
+
+
+def _with_edit_images(prompt_kwargs: Callable[[str, str | None], dict[str, Any]], files: list[Path]) -> Callable[[str, str | None], dict[str, Any]]:
+    """An edit pipeline's prompts each need an input image: ``files`` handed out by the prompt's stable hash
+    (the same prompt always edits the same image)."""
+
+    def with_image(prompt: str, negative: str | None) -> dict[str, Any]:
+        from PIL import Image
+
+        index = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little") % len(files)
+        return {**prompt_kwargs(prompt, negative), "image": Image.open(files[index]).convert("RGB")}
+
+    return with_image
 
 
 def _to(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:

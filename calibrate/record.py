@@ -98,8 +98,8 @@ def _record_runs(cfg: DictConfig, model: Any, recipe: Recipe, todo: list, writer
     from .recorder import TraceRecorder
 
     if writer is not None:
-        writer.bind(type(model.transformer).__name__)
-    with TraceRecorder(model.transformer) as recorder:
+        writer.bind(type(model.transformer).__name__, type(model.pipe).__name__)
+    with TraceRecorder(model.pipe) as recorder:  # the pipeline: every expert of it is recorded
         bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True, disable=writer is None)
         for prompt_index, prompt, seed in bar:
             branches = recorder.run(lambda: model.generate(prompt, seed, recipe))

@@ -23,7 +23,7 @@ from torch import nn
 
 from runtime import intercept
 from runtime.adapters import BlockCall, BlockLayout, adapter_for
-from runtime.hooks import BranchStates, rel_l1, signal_reader
+from runtime.hooks import BranchStates, mark_steps, rel_l1, signal_reader
 from runtime.parallel import block_local_arguments, context_parallel_group, rel_l1_across
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
@@ -78,6 +78,7 @@ class _RootHook(ModelHook):
         self.sink = sink
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.state_manager.begin_call()  # outside a cache context: which call of the step this is
         timestep = BlockCall(module, args, kwargs).get("timestep")
         value = torch.as_tensor(timestep).detach().flatten()[0].to(torch.float32)
         self.state_manager.get_state().values["timestep"].append(value)
@@ -117,17 +118,32 @@ def _stack_interceptor(
 
 
 class TraceRecorder:
-    """Hooks a transformer so that each pipeline call yields per-branch traces; a context manager."""
+    """Hooks a transformer (or each expert of a pipeline) so that each pipeline call yields per-branch
+    traces; a context manager.
 
-    def __init__(self, transformer: nn.Module) -> None:
-        self.transformer = transformer
-        self._finished: list[dict[str, dict[str, list]]] = []
+    Given a pipeline with two experts (Wan2.2's ``transformer`` and ``transformer_2``), each is recorded on
+    its own; the second expert's branches are labelled ``"transformer_2.cond"``, ``"transformer_2.uncond"``.
+    """
+
+    def __init__(self, target: Any) -> None:
+        from runtime.cache import pipeline_experts
+
+        self.experts = pipeline_experts(target)
+        self.transformer = self.experts["transformer"]
+        self._finished: dict[str, list[dict[str, dict[str, list]]]] = {name: [] for name in self.experts}
+        self._managers = [self._hook(transformer, self._finished[name].append) for name, transformer in self.experts.items()]
+        # Calls made outside a cache context one after the other in a step (Chroma's CFG) are told apart
+        # by their order within the step, as the runtime does.
+        self._unmark_steps = mark_steps(getattr(target, "scheduler", None), lambda: self._managers)
+
+    @staticmethod
+    def _hook(transformer: nn.Module, sink: Callable[[dict], None]) -> BranchStates:
         adapter = adapter_for(transformer)
         blocks = adapter.blocks(transformer)
         (_, head), (_, tail) = blocks[0], blocks[-1]
         manager = BranchStates(TraceState)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.register_hook(_RootHook(manager, self._finished.append), ROOT_HOOK)
+        registry.register_hook(_RootHook(manager, sink), ROOT_HOOK)
         for block in dict.fromkeys((head, tail)):  # one interceptor when the stack is a single block
             measure = _stack_interceptor(transformer, manager, adapter.layout(block), head=block is head, tail=block is tail)
             intercept.intercept(block, "trace_stack", measure)
@@ -138,24 +154,30 @@ class TraceRecorder:
             )
             intercept.intercept(source.module, f"trace_{name}", signal_reader(source, record))
         registry.invalidate_child_registries_cache()
+        return manager
 
     def run(self, call: Callable[[], Any]) -> dict[str, dict[str, np.ndarray]]:
         """Run ``call`` (one pipeline call) and return ``{branch: {field: float32 array per step}}``.
 
         All values of all branches come to the host in a single transfer after the call.
         """
-        self._finished.clear()
+        for finished in self._finished.values():
+            finished.clear()
         call()
-        if not self._finished and not hasattr(self.transformer, "_reset_stateful_cache"):
-            # diffusers resets stateful hooks at the end of a pipeline call only for CacheMixin models;
-            # SD3, Z-Image, Lumina2 and HiDream have none, so hand their branches over here.
-            self.transformer._diffusers_hook.reset_stateful_hooks()
-        if not self._finished:
+        branches: dict[str, dict[str, list]] = {}
+        for expert, transformer in self.experts.items():
+            finished = self._finished[expert]
+            if not finished and not hasattr(transformer, "_reset_stateful_cache"):
+                # diffusers resets stateful hooks at the end of a pipeline call only for CacheMixin models;
+                # SD3, Z-Image, Lumina2 and HiDream have none, so hand their branches over here.
+                transformer._diffusers_hook.reset_stateful_hooks()
+            for branch, values in (finished[-1] if finished else {}).items():
+                branches[branch if expert == "transformer" else f"{expert}.{branch}"] = values
+        if not branches:
             raise RuntimeError(
                 "the pipeline call ended without resetting its stateful hooks, so no trace was handed over; "
                 "TraceRecorder needs a diffusers pipeline that calls maybe_free_model_hooks() at its end."
             )
-        branches = self._finished[-1]
         names = sorted(branches)
         lengths = {name: len(branches[name]["timestep"]) for name in names}
         values = [v for name in names for field in MEASURED for v in branches[name][field]]
@@ -172,13 +194,15 @@ class TraceRecorder:
         return out
 
     def remove(self) -> None:
-        for module in self.transformer.modules():
-            for name in _INTERCEPTORS:
-                intercept.release(module, name)
-        registry = getattr(self.transformer, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(ROOT_HOOK, recurse=False)
-            registry.invalidate_child_registries_cache()
+        self._unmark_steps()
+        for transformer in self.experts.values():
+            for module in transformer.modules():
+                for name in _INTERCEPTORS:
+                    intercept.release(module, name)
+            registry = getattr(transformer, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(ROOT_HOOK, recurse=False)
+                registry.invalidate_child_registries_cache()
 
     def __enter__(self) -> "TraceRecorder":
         return self

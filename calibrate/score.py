@@ -176,7 +176,7 @@ def score(c: "Coefficients", traces: "TraceSet", settings: ScoreSettings = Score
         "x_range": list(c.x_range) if c.x_range is not None else None,
     }
     recipe_file = {k: v for k, v in (c.recipe or {}).items() if v is not None}
-    recipe_traces = traces.recipe.for_coefficients()
+    recipe_traces = {**traces.recipe.for_coefficients(), "pipeline": traces.pipeline_class}
     report["recipe_differs"] = {k: [v, recipe_traces.get(k)] for k, v in recipe_file.items() if recipe_traces.get(k) != v}
 
     if c.x_range is not None:

@@ -220,7 +220,7 @@ def run_sweep(cfg: DictConfig) -> Path:
     check_output(Path(str(cfg.out)), folder=True, error=ConfigError)
     coefficients = load_coefficients(cfg.coefficients)
     recipe = Recipe.from_config(cfg)
-    if recipe.for_coefficients() != dict(coefficients.recipe):
+    if recipe.for_coefficients() != {k: v for k, v in coefficients.recipe.items() if k != "pipeline"}:
         log.warning("the sweep's recipe %s differs from the one %s was fitted for", recipe, coefficients.origin)
     work = held_out_work(cfg, coefficients)
     methods = [m for m in cfg.methods if m != "full"]

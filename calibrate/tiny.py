@@ -34,7 +34,7 @@ TINY_FAMILIES: tuple[str, ...] = ("qwen_image", "flux", "wan")
 # Further tiny pipelines (conf/model/tiny_<family>.yaml). SD3 and Z-Image batch CFG into one
 # transformer call without a cache context (one "default" branch); Chroma runs without CFG, as its
 # pipeline makes the uncond call outside any cache context too.
-TINY_EXTRA_PIPELINES: tuple[str, ...] = ("sd3", "chroma", "z_image")
+TINY_EXTRA_PIPELINES: tuple[str, ...] = ("sd3", "chroma", "z_image", "wan22", "qwen_image_edit")
 TINY_PIPELINES: tuple[str, ...] = TINY_FAMILIES + TINY_EXTRA_PIPELINES
 
 # Shared sizes. Attention is 2 heads x 16 dims; the RoPE axes below sum to the head dim.
@@ -60,6 +60,11 @@ TINY_RECIPES: dict[str, dict[str, Any]] = {
         "guidance_scale": 3.5,
     },
     "wan": {"height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 8, "guidance_scale": 5.0},
+    # Wan2.2 A14B's layout: a high-noise expert (transformer) above boundary_ratio, a low-noise one below.
+    "wan22": {"height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 8, "guidance_scale": 5.0},
+    # Qwen-Image-Edit: the input image (resized by the pipeline to about 1024x1024 px; a 16x VAE -> 1024
+    # condition tokens) is concatenated to the 16 tokens being generated (64x64 px).
+    "qwen_image_edit": {"height": 64, "width": 64, "num_inference_steps": 8, "true_cfg_scale": 4.0},
     "sd3": {"height": 32, "width": 32, "num_inference_steps": 8, "guidance_scale": 4.0},
     "chroma": {"height": 32, "width": 32, "num_inference_steps": 8, "guidance_scale": 1.0},  # no CFG: see tiny_chroma.yaml
     "z_image": {"height": 32, "width": 32, "num_inference_steps": 8, "guidance_scale": 4.0},
@@ -80,6 +85,40 @@ def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 
 def _latent_stats(channels: int) -> dict[str, list[float]]:
     return {"latents_mean": [0.0] * channels, "latents_std": [1.0] * channels}
+
+
+def _build_qwen_image_edit(seed: int) -> DiffusionPipeline:
+    from diffusers import QwenImageEditPipeline
+
+    base = _build_qwen_image(seed)
+    vae = _seeded(
+        seed + 1,
+        lambda: AutoencoderKLQwenImage(
+            base_dim=4,
+            z_dim=_LATENT_CHANNELS,
+            dim_mult=[1, 1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, False, False, False],  # four stages: spatial factor 16 (CPU-cheap)
+            **_latent_stats(_LATENT_CHANNELS),
+        ),
+    )
+    return QwenImageEditPipeline(
+        transformer=base.transformer, vae=vae, scheduler=base.scheduler, text_encoder=None, tokenizer=None, processor=None
+    )
+
+
+def tiny_edit_image(prompt: str, size: int = 64) -> Any:
+    """A deterministic input image for an edit pipeline: coloured rectangles seeded by the prompt text."""
+    from PIL import Image
+
+    gen = _text_generator(prompt)
+    pixels = torch.rand(3, 1, 1, generator=gen).expand(3, size, size).clone()
+    for _ in range(3):
+        x0, y0 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=gen))
+        w, h = (int(v) for v in torch.randint(size // 8, size // 2, (2,), generator=gen))
+        pixels[:, y0 : y0 + h, x0 : x0 + w] = torch.rand(3, 1, 1, generator=gen)
+    array = (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(array, "RGB")
 
 
 def _build_qwen_image(seed: int) -> QwenImagePipeline:
@@ -156,8 +195,8 @@ def _build_flux(seed: int) -> FluxPipeline:
     )
 
 
-def _build_wan(seed: int) -> WanPipeline:
-    transformer = _seeded(
+def _wan_transformer(seed: int) -> WanTransformer3DModel:
+    return _seeded(
         seed,
         lambda: WanTransformer3DModel(
             patch_size=(1, 2, 2),
@@ -172,6 +211,10 @@ def _build_wan(seed: int) -> WanPipeline:
             rope_max_seq_len=32,
         ),
     )
+
+
+def _build_wan(seed: int, two_experts: bool = False) -> WanPipeline:
+    transformer = _wan_transformer(seed)
     vae = _seeded(
         seed + 1,
         lambda: AutoencoderKLWan(
@@ -186,6 +229,11 @@ def _build_wan(seed: int) -> WanPipeline:
         ),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if two_experts:  # Wan2.2: a second, low-noise expert below the boundary (0.875 as Wan2.2 T2V A14B ships)
+        return WanPipeline(
+            transformer=transformer, transformer_2=_wan_transformer(seed + 2), vae=vae, scheduler=scheduler,
+            text_encoder=None, tokenizer=None, boundary_ratio=0.875,
+        )
     return WanPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None)
 
 
@@ -246,6 +294,8 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "qwen_image": _build_qwen_image,
     "flux": _build_flux,
     "wan": _build_wan,
+    "wan22": lambda seed: _build_wan(seed, two_experts=True),
+    "qwen_image_edit": _build_qwen_image_edit,
     "sd3": _build_sd3,
     "chroma": _build_chroma,
     "z_image": _build_z_image,
@@ -299,7 +349,7 @@ def tiny_prompt_embeds(pipe: DiffusionPipeline, family: str, prompt: str, negati
     for prefix, text in texts.items():
         emb = _embed(text, pooled=family in ("flux", "sd3"))
         kwargs[f"{prefix}prompt_embeds"] = emb["embeds"].to(device, dtype)
-        if family == "qwen_image":
+        if family in ("qwen_image", "qwen_image_edit"):
             kwargs[f"{prefix}prompt_embeds_mask"] = torch.ones(1, _TEXT_TOKENS, dtype=torch.long, device=device)
         if family in ("flux", "sd3"):
             kwargs[f"{prefix}pooled_prompt_embeds"] = emb["pooled"].to(device, dtype)
@@ -307,6 +357,8 @@ def tiny_prompt_embeds(pipe: DiffusionPipeline, family: str, prompt: str, negati
             kwargs[f"{prefix}prompt_attention_mask"] = torch.ones(1, _TEXT_TOKENS, dtype=dtype, device=device)
         if family == "z_image":
             kwargs[f"{prefix}prompt_embeds"] = list(kwargs[f"{prefix}prompt_embeds"].unbind(0))
+    if family == "qwen_image_edit":
+        kwargs["image"] = tiny_edit_image(prompt)
     return kwargs
 
 

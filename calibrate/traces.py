@@ -2,15 +2,19 @@
 
 Layout (``schema = "teacache-traces/1"``)::
 
-    /                   attrs: schema, model, transformer_class, created, versions (JSON), and the recipe:
+    /                   attrs: schema, model, transformer_class, [pipeline_class], created, versions (JSON), and the recipe:
                                num_inference_steps, height, width, num_frames, guidance, negative_prompt
-    /runs/<key>_<branch>       attrs: prompt, prompt_index, seed, branch, the recipe again, complete
+    /runs/<key>_<branch>       attrs: prompt, prompt_index, seed, branch, [expert], the recipe again, complete
         step        int32   [steps]   call index within the branch (0 = first step)
         timestep    float32 [steps]   the timestep as the transformer receives it
         x           float32 [steps]   rel-L1 change of the first block's modulated input (NaN at step 0)
         x_temb      float32 [steps]   rel-L1 change of the timestep embedding (NaN at step 0)
         y           float32 [steps]   rel-L1 change of the transformer output (NaN at step 0)
         y_residual  float32 [steps]   rel-L1 change of the block-stack residual (NaN at step 0)
+
+Two experts (Wan2.2): the second expert's branches are ``transformer_2.cond``/``.uncond``, every group of
+such a run has an ``expert`` attribute, and each CFG branch's calls over the experts add up to the step
+count. Files without ``pipeline_class`` or ``expert`` (older ones) read as one expert, pipeline unknown.
 
 rel-L1(a, b) = mean|a - b| / mean|b| against the previous call of the same branch. A missing recipe
 number is stored as NaN and a missing negative prompt is left out. ``<key>`` hashes the prompt, seed
@@ -39,6 +43,7 @@ import os
 import re
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,7 +206,33 @@ class _WriterLock:
         self.fd = None
 
 
-def trajectory_problem(data: Mapping[str, np.ndarray], steps: int) -> str | None:
+def expert_of(branch: str) -> tuple[str, str]:
+    """``(expert, CFG branch)`` of a branch label: ``"cond"`` -> ``("transformer", "cond")``,
+    ``"transformer_2.cond"`` -> ``("transformer_2", "cond")`` (Wan2.2's low-noise expert)."""
+    expert, _, name = branch.rpartition(".")
+    return (expert or "transformer"), name
+
+
+def steps_of(several_experts: bool, steps: int) -> int | None:
+    """The length a branch's trajectory must have: the recipe's step count, or, with several experts
+    sharing the steps, any (their lengths must add up to it, checked per run by :func:`experts_problem`)."""
+    return None if several_experts else steps
+
+
+def experts_problem(lengths: Mapping[str, int], steps: int) -> str | None:
+    """With several experts, each CFG branch's calls over the experts must add up to the step count."""
+    if not any("." in label for label in lengths):
+        return None
+    totals: dict[str, int] = {}
+    for label, n in lengths.items():
+        totals[expert_of(label)[1]] = totals.get(expert_of(label)[1], 0) + n
+    for branch, total in sorted(totals.items()):
+        if total != steps:
+            return f"has {total} calls of branch {branch!r} over its experts where the recipe has num_inference_steps={steps}"
+    return None
+
+
+def trajectory_problem(data: Mapping[str, np.ndarray], steps: int | None) -> str | None:
     """What is wrong with one branch's arrays, or None: every dataset present, 1-D, numeric, as long as
     ``step`` = 0, 1, 2, ... and as the recipe's ``steps``, and no negative rel-L1 change."""
     lengths = {}
@@ -216,7 +247,7 @@ def trajectory_problem(data: Mapping[str, np.ndarray], steps: int) -> str | None
     for name in DATASETS:
         if lengths[name] != n:
             return f"has dataset {name!r} with {lengths[name]} values where 'step' has {n}"
-    if n != steps:
+    if steps is not None and n != steps:
         return f"has {n} steps where the recipe has num_inference_steps={steps}"
     if not np.array_equal(np.asarray(data["step"]), np.arange(n)):
         return "has a 'step' dataset that is not 0, 1, 2, ..."
@@ -245,7 +276,7 @@ def group_problem(name: str, group: object, steps: int) -> str | None:
             if not isinstance(item, h5py.Dataset):
                 return f"lacks dataset {dataset!r}"
             data[dataset] = item[()]
-        return trajectory_problem(data, steps)
+        return trajectory_problem(data, steps_of("expert" in group.attrs, steps))
     except (OSError, KeyError, ValueError, TypeError) as exc:
         return f"cannot be read ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
 
@@ -322,6 +353,7 @@ class TraceWriter:
                     "coefficients are tied to their recipe, so record into another out= (nothing was written)."
                 )
             branches: dict[str, set[str]] = {}
+            lengths: dict[str, dict[str, int]] = {}
             bad_keys: set[str] = set()
             for name, group in _runs_group(handle, self.path).items():
                 key = name.split("_", 1)[0]
@@ -334,6 +366,12 @@ class TraceWriter:
                     bad_keys.add(key)
                     continue
                 branches.setdefault(key, set()).add(str(group.attrs["branch"]))
+                lengths.setdefault(key, {})[str(group.attrs["branch"])] = len(group["step"])
+            for key, per_branch in lengths.items():
+                problem = experts_problem(per_branch, self.recipe.num_inference_steps)
+                if problem:
+                    self.damaged[f"{key}_{sorted(per_branch)[0]}"] = problem
+                    bad_keys.add(key)
             for key, missing in _missing_branches(branches).items():
                 self.damaged[f"{key}_{sorted(missing)[0]}"] = "is missing"
                 bad_keys.add(key)
@@ -345,23 +383,32 @@ class TraceWriter:
                 self.path, len(self.damaged), name, problem,
             )
 
-    def bind(self, transformer_class: str) -> None:
-        """Create the file if it does not exist; check the transformer class if it does."""
+    def bind(self, transformer_class: str, pipeline_class: str | None = None) -> None:
+        """Create the file if it does not exist; check the transformer (and pipeline) class if it does."""
         if self.path.exists():
             with _open_for_reading(self.path) as handle:
                 theirs = handle.attrs.get("transformer_class")
+                their_pipeline = handle.attrs.get("pipeline_class")
             if theirs != transformer_class:
                 raise TraceFileError(
                     f"{self.path} holds traces of a {theirs}, but this model is a {transformer_class}; record "
                     "into another out= (nothing was written)."
                 )
+            if their_pipeline is not None and pipeline_class is not None and str(their_pipeline) != pipeline_class:
+                raise TraceFileError(
+                    f"{self.path} holds traces recorded through a {their_pipeline}, but this run uses a {pipeline_class} "
+                    "(their trajectories differ, e.g. image editing vs text-to-image); record into another out= "
+                    "(nothing was written)."
+                )
             return
-        self._replace(lambda handle: self._write_header(handle, transformer_class), start_from_existing=False)
+        self._replace(lambda handle: self._write_header(handle, transformer_class, pipeline_class), start_from_existing=False)
 
-    def _write_header(self, handle: h5py.File, transformer_class: str) -> None:
+    def _write_header(self, handle: h5py.File, transformer_class: str, pipeline_class: str | None = None) -> None:
         handle.attrs["schema"] = TRACE_SCHEMA
         handle.attrs["model"] = self.model
         handle.attrs["transformer_class"] = transformer_class
+        if pipeline_class is not None:
+            handle.attrs["pipeline_class"] = pipeline_class
         handle.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         handle.attrs["versions"] = json.dumps(library_versions())
         for name, value in self.recipe.to_attrs().items():
@@ -372,8 +419,12 @@ class TraceWriter:
         """Make one finished pipeline call (all its branches) durable; it replaces whatever the file held
         of the same run (a damaged or unfinished earlier recording)."""
         steps = self.recipe.num_inference_steps
-        for branch, data in sorted(branches.items()):
-            problem = trajectory_problem(data, steps)
+        several = any("." in branch for branch in branches)
+        problems = [(branch, trajectory_problem(data, steps_of(several, steps))) for branch, data in sorted(branches.items())]
+        run_problem = experts_problem({b: len(d["step"]) for b, d in branches.items()}, steps)
+        if run_problem:
+            problems.append(("whole", run_problem))
+        for branch, problem in problems:
             if problem:
                 raise TraceFileError(
                     f"the run of prompt {prompt_index} with seed {seed} was not written because its {branch} "
@@ -390,6 +441,8 @@ class TraceWriter:
                 for dataset in DATASETS:
                     group.create_dataset(dataset, data=np.asarray(data[dataset]))
                 attrs = {"key": key, "prompt": prompt, "prompt_index": prompt_index, "seed": int(seed), "branch": branch}
+                if several:  # the run's calls are shared between the pipeline's experts (Wan2.2)
+                    attrs["expert"] = expert_of(branch)[0]
                 attrs.update(self.recipe.to_attrs())
                 group.attrs.update(attrs)
             for branch in branches:
@@ -457,6 +510,11 @@ class Trajectory:
     def name(self) -> str:
         return f"{self.key}_{self.branch}"
 
+    @property
+    def expert(self) -> str:
+        """Which of the pipeline's transformers made it: ``transformer``, or e.g. ``transformer_2``."""
+        return expert_of(self.branch)[0]
+
 
 @dataclass
 class TraceSet:
@@ -468,6 +526,19 @@ class TraceSet:
     files: list[Path]
     trajectories: list[Trajectory] = field(default_factory=list)
     duplicates: int = 0
+    pipeline_class: str | None = None  # None: recorded before the header named it
+
+    @property
+    def experts(self) -> list[str]:
+        """The pipeline's experts these traces hold, ``transformer`` first."""
+        return sorted({t.expert for t in self.trajectories}, key=lambda e: (e != "transformer", e))
+
+    def of_expert(self, expert: str) -> "TraceSet":
+        """The same traces restricted to one expert's trajectories (their branches named plainly)."""
+        own = [
+            dataclasses.replace(t, branch=expert_of(t.branch)[1]) for t in self.trajectories if t.expert == expert
+        ]
+        return dataclasses.replace(self, trajectories=own)
 
 
 def expand_paths(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -511,8 +582,10 @@ def load_traces(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
         with _open_for_reading(path) as handle:
             _check_header(handle, path)
             header = (handle.attrs["model"], handle.attrs["transformer_class"], Recipe.from_attrs(handle.attrs))
+            pipeline = handle.attrs.get("pipeline_class")
             if traces is None:
-                traces = TraceSet(model=header[0], transformer_class=header[1], recipe=header[2], files=[])
+                traces = TraceSet(model=header[0], transformer_class=header[1], recipe=header[2], files=[],
+                                  pipeline_class=None if pipeline is None else str(pipeline))
             elif header != (traces.model, traces.transformer_class, traces.recipe):
                 raise TraceFileError(
                     f"{path} ({header[0]}, {header[1]}, {header[2]}) does not agree with {traces.files[0]} "
@@ -522,6 +595,7 @@ def load_traces(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
             traces.files.append(path)
             steps = traces.recipe.num_inference_steps
             branches: dict[str, set[str]] = {}
+            lengths: dict[str, dict[str, int]] = {}
             for name, group in sorted(_runs_group(handle, path).items()):
                 if not (isinstance(group, h5py.Group) and group.attrs.get("complete")):
                     continue
@@ -529,6 +603,7 @@ def load_traces(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
                 if problem:
                     raise _damaged(path, name, problem)
                 branches.setdefault(str(group.attrs["key"]), set()).add(str(group.attrs["branch"]))
+                lengths.setdefault(str(group.attrs["key"]), {})[str(group.attrs["branch"])] = len(group["step"])
                 if name in seen:
                     traces.duplicates += 1
                     continue
@@ -543,6 +618,10 @@ def load_traces(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
                         data={d: group[d][()] for d in DATASETS},
                     )
                 )
+            for key, per_branch in sorted(lengths.items()):
+                problem = experts_problem(per_branch, steps)
+                if problem:
+                    raise _damaged(path, f"{key}_{sorted(per_branch)[0]}", f"(run {key}) {problem}")
             for key, missing in sorted(_missing_branches(branches).items()):
                 raise _damaged(path, f"{key}_{sorted(missing)[0]}", f"is missing (run {key} lacks branch "
                                f"{sorted(missing)[0]!r} that the file's other runs have)")

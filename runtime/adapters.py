@@ -12,6 +12,7 @@ Adding a family is one :func:`register_adapter` call; see the three entries at t
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -146,6 +147,12 @@ class ModelAdapter:
       what a block returns (see :class:`BlockLayout`), for block classes diffusers'
       ``TransformerBlockRegistry`` does not know or where the image stream is part of a joint one; or
       a callable ``block -> tuple`` where one wrapper class serves several kinds of block (HiDream).
+    - ``control_arguments``: the transformer's forward arguments that carry ControlNet residuals the
+      forward adds to the hidden states *between* blocks (after or before a block, outside it). A
+      skipped call passes its blocks through while the forward still adds this call's residuals, on
+      top of a cached residual that already holds the computed call's: they would count twice, so the
+      runtime refuses such calls (:mod:`runtime.controlnet`). Residuals a model hands *into* its blocks
+      (Cosmos' ``block_controlnet_hidden_states``) are skipped with the blocks and need no entry.
     """
 
     transformer_class: str
@@ -155,6 +162,7 @@ class ModelAdapter:
     timestep_embedding_index: int | None = None
     modulated_input_module: str | None = None
     layouts: Mapping[str, tuple | Callable[[nn.Module], tuple]] = field(default_factory=dict)
+    control_arguments: tuple[str, ...] = ()
 
     def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(qualified name, block)`` for every block of the stack, in call order."""
@@ -224,6 +232,30 @@ def adapter_for(transformer: nn.Module) -> ModelAdapter:
     )
 
 
+def sequential_cfg_without_context(pipe: Any) -> bool:
+    """Whether ``pipe``'s ``__call__`` calls its transformer more than once per step outside any cache context.
+
+    Such a pipeline (diffusers 0.42.1: Chroma's three, Lumina2, the Cosmos ones, Flux img2img/inpaint/
+    Kontext/ControlNet with true CFG, HunyuanVideo I2V, Wan video2video, CogView4 Control, SD3's
+    skip-layer guidance call) makes its cond and uncond (or skip-layer) calls one after the other with
+    no ``cache_context``, so a runtime keyed on the context alone gives both calls one state and
+    compares each call's signal with the *other* branch's. Read from the source of the pipeline
+    class's ``__call__``: at least two ``self.transformer(`` call sites and no ``cache_context``.
+    False for a bare transformer or a pipeline whose source cannot be read.
+    """
+    if isinstance(pipe, nn.Module):
+        return False
+    call = getattr(type(pipe), "__call__", None)
+    try:
+        source = inspect.getsource(call)
+    except (OSError, TypeError):
+        return False
+    return len(_TRANSFORMER_CALL.findall(source)) >= 2 and "cache_context" not in source
+
+
+_TRANSFORMER_CALL = re.compile(r"\bself\.transformer\s*\(")
+
+
 # --------------------------------------------------------------------------------- the families
 
 
@@ -255,6 +287,7 @@ register_adapter(
         block_lists=("transformer_blocks",),
         modulated_input=_qwen_image_modulated_input,
         timestep_embedding="time_text_embed",
+        control_arguments=("controlnet_block_samples",),  # added after each block
     )
 )
 register_adapter(
@@ -263,6 +296,7 @@ register_adapter(
         block_lists=("transformer_blocks", "single_transformer_blocks"),
         modulated_input=_norm1_modulated_input,
         timestep_embedding="time_text_embed",
+        control_arguments=("controlnet_block_samples", "controlnet_single_block_samples"),  # after each block
     )
 )
 register_adapter(
@@ -378,6 +412,7 @@ register_adapter(
         block_lists=("transformer_blocks",),
         modulated_input=_norm1_modulated_input,
         timestep_embedding="time_text_embed",
+        control_arguments=("block_controlnet_hidden_states",),  # after each block
     )
 )
 register_adapter(
@@ -426,6 +461,7 @@ register_adapter(
         modulated_input=_z_image_modulated_input,
         modulated_input_module="noise_refiner.0",
         timestep_embedding="t_embedder",
+        control_arguments=("controlnet_block_samples",),  # a dict: after the `layers` it names
     )
 )
 register_adapter(
@@ -450,6 +486,7 @@ register_adapter(
             "ChromaTransformerBlock": (1, 0),
             "ChromaSingleTransformerBlock": (0, None, "last"),  # the joint [text; image] stream
         },
+        control_arguments=("controlnet_block_samples", "controlnet_single_block_samples"),  # as Flux
     )
 )
 register_adapter(
@@ -502,6 +539,7 @@ register_adapter(
         timestep_embedding="time_embed",  # (6-way projection, embedded timestep)
         timestep_embedding_index=1,
         layouts={"SanaTransformerBlock": (0, None)},
+        control_arguments=("controlnet_block_samples",),  # before blocks 1..n
     )
 )
 register_adapter(
@@ -521,6 +559,8 @@ register_adapter(
         timestep_embedding="time_embed",  # (temb, embedded_timestep)
         timestep_embedding_index=1,
         layouts={"CosmosTransformerBlock": (0, None)},
+        # No control_arguments: block_controlnet_hidden_states are handed into the blocks (added inside
+        # them), so a skipped call skips them with the blocks and the cached residual holds the computed call's.
     )
 )
 register_adapter(

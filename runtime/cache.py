@@ -6,14 +6,15 @@ import functools
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from .coefficients import Coefficients, available_names, coefficients_dir, load_coefficients
 from .decision import DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
-from .hooks import apply_teacache, remove_teacache, reset_teacache
+from .controlnet import refuse_controlnet_pipeline
+from .hooks import apply_teacache, mark_steps, remove_teacache, reset_teacache, states_of
 from .stats import BranchStats, CacheStats
 
 logger = logging.getLogger(__name__)
@@ -37,19 +38,30 @@ class TeaCache:
                 f"unknown TeaCache setting {unknown[0]!r}; the settings are rel_l1_thresh, speedup, "
                 f"{', '.join(_OVERRIDABLE)}."
             )
-        defaults = coefficients.defaults
         self.coefficients = coefficients
-        self.rule = DecisionRule(
+        self._rel_l1_thresh = rel_l1_thresh
+        self._speedup: float | None = None
+        self._overrides = overrides
+        self.rule = self._rule_for(coefficients)
+        self._stats: dict[str, CacheStats] = {}
+        self._applied: dict[str, nn.Module] = {}  # expert attribute name -> transformer
+        self._scheduler: Any = None
+        self._unmark_steps: Callable[[], None] = lambda: None
+
+    def _rule_for(self, coefficients: Coefficients) -> DecisionRule:
+        """The decision rule of one expert's polynomial, with this cache's threshold and overrides."""
+        defaults, overrides = coefficients.defaults, self._overrides
+        thresh = self._rel_l1_thresh
+        if self._speedup is not None:
+            thresh = coefficients.threshold_for_speedup(self._speedup)
+        return DecisionRule(
             coefficients=coefficients.coefficients,
             x_range=coefficients.x_range,
-            rel_l1_thresh=defaults.rel_l1_thresh if rel_l1_thresh is None else rel_l1_thresh,
+            rel_l1_thresh=defaults.rel_l1_thresh if thresh is None else thresh,
             warmup_steps=overrides.get("warmup_steps", defaults.warmup_steps),
             final_steps=overrides.get("final_steps", defaults.final_steps),
             max_consecutive_skips=overrides.get("max_consecutive_skips", defaults.max_consecutive_skips),
         )
-        self._stats = CacheStats()
-        self._transformer: nn.Module | None = None
-        self._scheduler: Any = None
 
     @classmethod
     def from_coefficients(
@@ -70,8 +82,13 @@ class TeaCache:
         if speedup is not None:
             if rel_l1_thresh is not None:
                 raise ConfigError("pass either rel_l1_thresh= or speedup=, not both.")
-            rel_l1_thresh = coefficients.threshold_for_speedup(speedup)
-        return cls(coefficients, rel_l1_thresh, **overrides)
+            for name in coefficients.expert_names:  # every expert's table must reach it
+                coefficients.for_expert(name).threshold_for_speedup(speedup)
+        cache = cls(coefficients, rel_l1_thresh, **overrides)
+        if speedup is not None:
+            cache._speedup = speedup
+            cache.rule = cache._rule_for(coefficients)
+        return cache
 
     @property
     def signal(self) -> str:
@@ -82,48 +99,71 @@ class TeaCache:
         return self.rule.rel_l1_thresh
 
     def apply(self, pipe_or_transformer: Any, *, num_inference_steps: int | None = None) -> "TeaCache":
-        """Hook the cache into a diffusers pipeline (its ``transformer``) or a transformer; returns self.
+        """Hook the cache into a diffusers pipeline (its ``transformer``, and ``transformer_2`` when the
+        pipeline has two experts, as Wan2.2) or into a transformer; returns self.
 
         The step count, needed to force the final steps, comes from the pipeline's cache context or its
-        scheduler; for a bare transformer pass ``num_inference_steps``.
+        scheduler; for a bare transformer pass ``num_inference_steps``. With two experts each one has its
+        own polynomial (the file's ``experts`` entry), state, rule and step count.
         """
-        if self._transformer is not None:
+        if self._applied:
             raise TeaCacheError("this TeaCache is already applied; call .remove() before applying it again.")
-        transformer, scheduler = _unpack(pipe_or_transformer)
-        self._check_class(transformer)
-
-        def num_steps() -> int | None:
-            if num_inference_steps is not None:
-                return num_inference_steps
-            timesteps = getattr(scheduler, "timesteps", None)
-            return len(timesteps) if timesteps is not None else None
-
-        apply_teacache(transformer, self.rule, self.signal, self._stats, num_steps)
-        self._transformer = transformer
+        experts, scheduler, pipe = _unpack(pipe_or_transformer)
+        for transformer in experts.values():
+            self._check_class(transformer)
+        refuse_controlnet_pipeline(pipe_or_transformer)
+        if len(experts) > 1 and not self.coefficients.experts:
+            logger.warning(
+                "%s holds one polynomial, but the pipeline has %d experts (%s); each expert gets its own state with "
+                "that polynomial. Calibrate the pipeline itself (calibrate.record + calibrate.fit) for one "
+                "polynomial per expert.",
+                self.coefficients.origin, len(experts), ", ".join(experts),
+            )
+        for name, transformer in experts.items():
+            if name != "transformer" and name in self.coefficients.experts:
+                rule = self._rule_for(self.coefficients.for_expert(name))
+            else:
+                rule = self.rule
+            stats = self._stats.setdefault(name, CacheStats())
+            steps = _step_counter(name, experts, scheduler, pipe, num_inference_steps)
+            try:
+                apply_teacache(transformer, rule, self.signal, stats, steps)
+            except BaseException:
+                self.remove()
+                raise
+            self._applied[name] = transformer
+        self._check_pipeline(pipe)
         self._scheduler = _reset_on_new_generation(scheduler, self.reset)
+        self._unmark_steps = mark_steps(scheduler, lambda: [states_of(t) for t in self._applied.values()])
         return self
 
     def remove(self) -> None:
         """Take every hook off the transformer; its forward is then exactly what it was before."""
-        if self._transformer is not None:
-            remove_teacache(self._transformer)
-            self._transformer = None
+        for transformer in self._applied.values():
+            remove_teacache(transformer)
+        self._applied = {}
+        self._unmark_steps()
+        self._unmark_steps = lambda: None
         if self._scheduler is not None:
             self._scheduler.__dict__.pop("set_timesteps", None)
             self._scheduler = None
 
     def reset(self) -> None:
         """Forget the per-branch state, as a pipeline does after each generation (for bare transformer use)."""
-        if self._transformer is not None:
-            reset_teacache(self._transformer)
+        for transformer in self._applied.values():
+            reset_teacache(transformer)
 
     @property
     def stats(self) -> dict[str, BranchStats]:
-        """Per CFG branch ("cond", "uncond", ...): computed and skipped call counts, and the latest trace."""
-        return dict(self._stats.branches)
+        """Per CFG branch ("cond", "uncond", "default"): computed and skipped call counts, and the latest
+        trace. With two experts (Wan2.2) the keys are ``"<expert>/<branch>"``, e.g. ``"transformer_2/cond"``."""
+        if len(self._stats) <= 1:
+            return next((dict(s.branches) for s in self._stats.values()), {})
+        return {f"{expert}/{branch}": b for expert, s in self._stats.items() for branch, b in s.branches.items()}
 
     def reset_stats(self) -> None:
-        self._stats.clear()
+        for stats in self._stats.values():
+            stats.clear()
 
     def __enter__(self) -> "TeaCache":
         return self
@@ -132,11 +172,24 @@ class TeaCache:
         self.remove()
 
     def __repr__(self) -> str:
-        target = type(self._transformer).__name__ if self._transformer is not None else "nothing"
+        target = " and ".join(type(t).__name__ for t in self._applied.values()) or "nothing"
         return (
             f"TeaCache(model={self.coefficients.model!r}, signal={self.signal!r}, "
             f"rel_l1_thresh={self.rel_l1_thresh}, applied to {target})"
         )
+
+    def _check_pipeline(self, pipe: Any) -> None:
+        """Warn when the file was fitted through another pipeline (Qwen-Image-Edit vs text-to-image: the same
+        transformer class, but the edit pipeline's image latents change the trajectory)."""
+        wanted = self.coefficients.recipe.get("pipeline")
+        actual = type(pipe).__name__ if pipe is not None else None
+        if wanted is not None and actual is not None and actual != wanted:
+            logger.warning(
+                "%s was fitted through a %s, but is applied to a %s; its polynomial and threshold table may not "
+                "hold for this pipeline's trajectories: calibrate through %s (python -m calibrate.record / fit), "
+                "or check it with python -m calibrate.score.",
+                self.coefficients.origin, wanted, actual, actual,
+            )
 
     def _check_class(self, transformer: nn.Module) -> None:
         names = {cls.__name__ for cls in type(transformer).__mro__}
@@ -152,20 +205,51 @@ class TeaCache:
         )
 
 
-def _unpack(target: Any) -> tuple[nn.Module, Any]:
+def pipeline_experts(target: Any) -> dict[str, nn.Module]:
+    """``{expert attribute name: transformer}`` of a pipeline (``transformer``, and ``transformer_2`` when it
+    has a second expert, as Wan2.2) or of a bare transformer (``{"transformer": it}``)."""
+    return _unpack(target)[0]
+
+
+def _unpack(target: Any) -> tuple[dict[str, nn.Module], Any, Any]:
+    """``({expert name: transformer}, scheduler, pipeline)`` of a pipeline or a bare transformer."""
     if isinstance(target, nn.Module):
-        return target, None
+        return {"transformer": target}, None, None
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, nn.Module):
-        if getattr(target, "transformer_2", None) is not None:
-            logger.warning(
-                "TeaCache caches pipe.transformer only; pipe.transformer_2 (the low-noise expert) runs uncached, "
-                "since one coefficients file describes one expert."
-            )
-        return transformer, getattr(target, "scheduler", None)
+        experts = {"transformer": transformer}
+        second = getattr(target, "transformer_2", None)
+        if isinstance(second, nn.Module):
+            experts["transformer_2"] = second
+        return experts, getattr(target, "scheduler", None), target
     raise UnsupportedModelError(
         f"apply() takes a diffusers pipeline with a `transformer` or a transformer module, got {type(target).__name__}."
     )
+
+
+def _step_counter(name: str, experts: dict, scheduler: Any, pipe: Any, given: int | None) -> Callable[[], int | None]:
+    """How many calls of each branch this expert gets per generation (to force its final steps).
+
+    One expert: the scheduler's step count. Two experts (Wan2.2): the high-noise ``transformer`` runs the
+    steps whose timestep is at or above ``boundary_ratio * num_train_timesteps``, ``transformer_2`` the rest.
+    """
+
+    def count() -> int | None:
+        if given is not None and len(experts) == 1:
+            return given
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return given
+        if len(experts) == 1:
+            return len(timesteps)
+        ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+        if ratio is None:
+            return None
+        boundary = ratio * scheduler.config.num_train_timesteps
+        high = sum(1 for t in timesteps if float(t) >= boundary)
+        return high if name == "transformer" else len(timesteps) - high
+
+    return count
 
 
 def _reset_on_new_generation(scheduler: Any, reset: Any) -> Any:

@@ -119,6 +119,7 @@ class Coefficients:
     recipe: Mapping[str, Any] = field(default_factory=dict)
     thresholds: tuple[ThresholdRow, ...] = ()
     fit: Mapping[str, Any] | None = None
+    experts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     origin: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -141,8 +142,38 @@ class Coefficients:
             out["thresholds"] = [dataclasses.asdict(row) for row in self.thresholds]
         if self.fit is not None:
             out["fit"] = dict(self.fit)
+        if self.experts:
+            out["experts"] = {name: dict(expert) for name, expert in self.experts.items()}
         out["provenance"] = dict(self.provenance)
         return out
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """``("transformer",)``, plus the pipeline's other experts this file has polynomials for (Wan2.2:
+        ``transformer_2``, the low-noise expert)."""
+        return ("transformer", *self.experts)
+
+    def for_expert(self, name: str) -> "Coefficients":
+        """The file as seen by one expert: its own polynomial, x range, table and default threshold."""
+        if name == "transformer":
+            return dataclasses.replace(self, experts={})
+        if name not in self.experts:
+            raise CoefficientsError(
+                f"{self.origin} has no polynomial for expert {name!r} (it has {', '.join(self.expert_names)}); "
+                "calibrate the two-expert pipeline with `python -m calibrate.record` and `python -m calibrate.fit`."
+            )
+        expert = self.experts[name]
+        x_range = expert["x_range"]
+        return dataclasses.replace(
+            self,
+            coefficients=tuple(float(c) for c in expert["coefficients"]),
+            x_range=(float(x_range[0]), float(x_range[1])) if x_range is not None else None,
+            thresholds=tuple(ThresholdRow(**row) for row in expert.get("thresholds") or ()),
+            fit=expert.get("fit"),
+            defaults=dataclasses.replace(self.defaults, rel_l1_thresh=expert.get("rel_l1_thresh", self.defaults.rel_l1_thresh)),
+            experts={},
+            origin=f"{self.origin} [{name}]",
+        )
 
     def evaluate(self, x: float) -> float:
         """p(x) in float64 with x clamped to ``x_range`` (the runtime's own evaluation runs on the device)."""
@@ -241,6 +272,7 @@ def coefficients_from_dict(data: Any, origin: str = "<memory>") -> Coefficients:
         defaults=DecisionDefaults(**data["defaults"]),
         thresholds=thresholds,
         fit=data.get("fit"),
+        experts=dict(data.get("experts") or {}),
         provenance=dict(data["provenance"]),
         origin=origin,
     )
@@ -361,11 +393,13 @@ _TOP_LEVEL = {
     "defaults",
     "thresholds",
     "fit",
+    "experts",
     "provenance",
 }
 _REQUIRED = ("schema", "model", "transformer_class", "signal", "coefficients", "x_range", "defaults", "provenance")
 _DEFAULT_KEYS = {f.name for f in dataclasses.fields(DecisionDefaults)}
 _THRESHOLD_KEYS = {f.name for f in dataclasses.fields(ThresholdRow)}
+_EXPERT_KEYS = {"coefficients", "x_range", "rel_l1_thresh", "thresholds", "fit"}
 
 
 def _is_number(value: Any) -> bool:
@@ -424,27 +458,6 @@ def _validate(data: Any, origin: str) -> None:
     if data["signal"] not in SIGNALS:
         raise _fail(origin, "signal", f"is {data['signal']!r}", f"use one of {list(SIGNALS)}")
 
-    coefficients = data["coefficients"]
-    if (
-        not isinstance(coefficients, list)
-        or not coefficients
-        or not all(_is_number(c) for c in coefficients)
-    ):
-        raise _fail(
-            origin,
-            "coefficients",
-            f"must be a non-empty list of finite numbers (highest power first), got {_short(coefficients)}",
-            refit,
-        )
-    if not all(_finite32(c) for c in coefficients):
-        raise _fail(
-            origin,
-            "coefficients",
-            f"holds {_short(next(c for c in coefficients if not _finite32(c)))}, which is not a finite float32 "
-            "number (|c| <= 3.4e38) as the runtime evaluates the polynomial in float32",
-            refit,
-        )
-
     provenance = data["provenance"]
     if not isinstance(provenance, dict) or provenance.get("kind") not in PROVENANCE_KINDS:
         raise _fail(
@@ -455,28 +468,14 @@ def _validate(data: Any, origin: str) -> None:
     if provenance["kind"] == "calibrated" and not isinstance(provenance.get("traces"), list):
         raise _fail(origin, "provenance.traces", "is missing for a calibrated file", refit)
 
-    x_range = data["x_range"]
-    if x_range is None:
-        if provenance["kind"] == "calibrated":
-            raise _fail(origin, "x_range", "is null in a calibrated file", refit)
-    elif (
-        not isinstance(x_range, list)
-        or len(x_range) != 2
-        or not all(_is_number(v) for v in x_range)
-        or not 0 <= x_range[0] <= x_range[1]
-    ):
-        raise _fail(origin, "x_range", f"must be [low, high] with 0 <= low <= high, got {_short(x_range)}", refit)
-    elif not all(_finite32(v) for v in x_range):
-        raise _fail(
-            origin,
-            "x_range",
-            f"is {_short(x_range)}, not finite float32 numbers (<= 3.4e38) as the runtime compares x in float32",
-            refit,
-        )
+    _validate_polynomial(data, origin, "", provenance["kind"] == "calibrated")
 
     recipe = data.get("recipe") or {}
     if not isinstance(recipe, dict):
         raise _fail(origin, "recipe", f"must be an object, got {recipe!r}", refit)
+    pipeline = recipe.get("pipeline")
+    if pipeline is not None and (not isinstance(pipeline, str) or not pipeline.isidentifier()):
+        raise _fail(origin, "recipe.pipeline", f"must be a diffusers pipeline class name or null, got {pipeline!r}", refit)
     for key in RECIPE_KEYS:
         value = recipe.get(key)
         if value is not None and (not _is_number(value) or value < 0):
@@ -499,23 +498,97 @@ def _validate(data: Any, origin: str) -> None:
     except ConfigError as exc:
         raise CoefficientsError(str(exc)) from None
 
-    thresholds = data.get("thresholds")
-    if thresholds is not None:
-        if not isinstance(thresholds, list):
-            raise _fail(origin, "thresholds", "must be a list of rows", refit)
-        previous = -math.inf
-        for i, row in enumerate(thresholds):
-            if not isinstance(row, dict) or set(row) - _THRESHOLD_KEYS or not {"rel_l1_thresh", "computed_fraction"} <= set(row):
-                raise _fail(origin, f"thresholds[{i}]", f"must have keys {sorted(_THRESHOLD_KEYS)}", refit)
-            thresh, fraction = row["rel_l1_thresh"], row["computed_fraction"]
-            if not (_is_number(thresh) and thresh >= 0 and _is_number(fraction) and 0 <= fraction <= 1):
-                raise _fail(
-                    origin, f"thresholds[{i}]", "needs rel_l1_thresh >= 0 and computed_fraction in [0, 1]", refit
-                )
-            if thresh <= previous:
-                raise _fail(origin, f"thresholds[{i}]", "is out of order (thresholds must increase)", refit)
-            previous = thresh
+    _validate_thresholds(data.get("thresholds"), origin, "thresholds")
 
     fit = data.get("fit")
     if fit is not None and not isinstance(fit, dict):
         raise _fail(origin, "fit", f"must be an object, got {fit!r}", refit)
+
+    experts = data.get("experts")
+    if experts is not None:
+        if not isinstance(experts, dict) or not experts:
+            raise _fail(origin, "experts", "must be an object {expert attribute name: its polynomial}", refit)
+        for name, expert in experts.items():
+            where = f"experts.{name}"
+            if not name.isidentifier() or name == "transformer":
+                raise _fail(
+                    origin, where, "must name another transformer attribute of the pipeline (e.g. transformer_2)",
+                    "the file's own fields describe `transformer`",
+                )
+            if not isinstance(expert, dict) or not {"coefficients", "x_range"} <= set(expert) or set(expert) - _EXPERT_KEYS:
+                raise _fail(origin, where, f"must be an object with coefficients, x_range (optional: {sorted(_EXPERT_KEYS - {'coefficients', 'x_range'})})", refit)
+            _validate_polynomial(expert, origin, f"{where}.", provenance["kind"] == "calibrated")
+            _validate_thresholds(expert.get("thresholds"), origin, f"{where}.thresholds")
+            if "rel_l1_thresh" in expert:
+                try:
+                    validate_decision_settings(
+                        rel_l1_thresh=expert["rel_l1_thresh"], warmup_steps=0, final_steps=0,
+                        max_consecutive_skips=None, where=f"{origin}: {where}",
+                    )
+                except ConfigError as exc:
+                    raise CoefficientsError(str(exc)) from None
+            if expert.get("fit") is not None and not isinstance(expert["fit"], dict):
+                raise _fail(origin, f"{where}.fit", "must be an object", refit)
+
+
+def _validate_polynomial(data: dict, origin: str, prefix: str, calibrated: bool) -> None:
+    """``coefficients`` and ``x_range`` of the file, or of one expert (``prefix`` names where)."""
+    refit = "re-create the file with `python -m calibrate.fit`"
+    coefficients = data["coefficients"]
+    if (
+        not isinstance(coefficients, list)
+        or not coefficients
+        or not all(_is_number(c) for c in coefficients)
+    ):
+        raise _fail(
+            origin,
+            f"{prefix}coefficients",
+            f"must be a non-empty list of finite numbers (highest power first), got {_short(coefficients)}",
+            refit,
+        )
+    if not all(_finite32(c) for c in coefficients):
+        raise _fail(
+            origin,
+            f"{prefix}coefficients",
+            f"holds {_short(next(c for c in coefficients if not _finite32(c)))}, which is not a finite float32 "
+            "number (|c| <= 3.4e38) as the runtime evaluates the polynomial in float32",
+            refit,
+        )
+
+    x_range = data["x_range"]
+    if x_range is None:
+        if calibrated:
+            raise _fail(origin, f"{prefix}x_range", "is null in a calibrated file", refit)
+    elif (
+        not isinstance(x_range, list)
+        or len(x_range) != 2
+        or not all(_is_number(v) for v in x_range)
+        or not 0 <= x_range[0] <= x_range[1]
+    ):
+        raise _fail(origin, f"{prefix}x_range", f"must be [low, high] with 0 <= low <= high, got {_short(x_range)}", refit)
+    elif not all(_finite32(v) for v in x_range):
+        raise _fail(
+            origin,
+            f"{prefix}x_range",
+            f"is {_short(x_range)}, not finite float32 numbers (<= 3.4e38) as the runtime compares x in float32",
+            refit,
+        )
+
+
+def _validate_thresholds(thresholds: Any, origin: str, where: str) -> None:
+    refit = "re-create the file with `python -m calibrate.fit`"
+    if thresholds is not None:
+        if not isinstance(thresholds, list):
+            raise _fail(origin, where, "must be a list of rows", refit)
+        previous = -math.inf
+        for i, row in enumerate(thresholds):
+            if not isinstance(row, dict) or set(row) - _THRESHOLD_KEYS or not {"rel_l1_thresh", "computed_fraction"} <= set(row):
+                raise _fail(origin, f"{where}[{i}]", f"must have keys {sorted(_THRESHOLD_KEYS)}", refit)
+            thresh, fraction = row["rel_l1_thresh"], row["computed_fraction"]
+            if not (_is_number(thresh) and thresh >= 0 and _is_number(fraction) and 0 <= fraction <= 1):
+                raise _fail(
+                    origin, f"{where}[{i}]", "needs rel_l1_thresh >= 0 and computed_fraction in [0, 1]", refit
+                )
+            if thresh <= previous:
+                raise _fail(origin, f"{where}[{i}]", "is out of order (thresholds must increase)", refit)
+            previous = thresh

@@ -24,6 +24,7 @@ stack leaves its state marked unfinished, and the next call of that state starts
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -33,7 +34,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from . import intercept
+from . import controlnet, intercept
 from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
@@ -57,29 +58,81 @@ def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 
 
 class BranchStates(StateManager):
-    """diffusers' ``StateManager``, plus one state for calls made outside any cache context.
+    """diffusers' ``StateManager``, plus states for calls made outside any cache context.
 
-    Models without ``CacheMixin`` (SD3, Z-Image, Lumina2, HiDream) and bare sampling loops have no
-    context; their CFG is batched into one call, so one state is right for them.
+    Models without ``CacheMixin`` (SD3, Z-Image, HiDream) and bare sampling loops have no context, and
+    most batch CFG into one call: one state, ``"default"``. Some pipelines make their cond and uncond
+    calls one after the other without a context (Chroma, Lumina2, Cosmos2, Flux img2img/Kontext with
+    true CFG, SD3's skip-layer call): with ``split_calls`` (set when the pipeline's ``scheduler.step``
+    marks the steps, see :func:`mark_steps`) the k-th call of a step gets its own state,
+    ``"default"``, ``"default:1"``, ..., so each branch is compared with its own previous call.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.split_calls = False
+        self._calls_in_step = 0
+        self._label = DEFAULT_BRANCH
 
     @property
     def branch(self) -> str:
-        return self._context.name if self._context is not None else DEFAULT_BRANCH
+        return self._context.name if self._context is not None else self._label
 
     @property
     def current_context(self) -> Any:
         return self._context
 
+    def begin_call(self) -> None:
+        """A transformer call starts: outside a context, which call of the step it is."""
+        if self._context is None and self.split_calls:
+            index, self._calls_in_step = self._calls_in_step, self._calls_in_step + 1
+            self._label = DEFAULT_BRANCH if index == 0 else f"{DEFAULT_BRANCH}:{index}"
+        else:
+            self._label = DEFAULT_BRANCH
+
+    def new_step(self) -> None:
+        self._calls_in_step = 0
+
     def get_state(self) -> BaseState:
         if self._context is None:
-            if DEFAULT_BRANCH not in self._state_cache:
-                self._state_cache[DEFAULT_BRANCH] = self._state_cls(*self._init_args, **self._init_kwargs)
-            return self._state_cache[DEFAULT_BRANCH]
+            if self._label not in self._state_cache:
+                self._state_cache[self._label] = self._state_cls(*self._init_args, **self._init_kwargs)
+            return self._state_cache[self._label]
         return super().get_state()
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        super().reset(*args, **kwargs)
+        self._calls_in_step = 0
+        self._label = DEFAULT_BRANCH
 
     def states(self) -> dict[str, BaseState]:
         return dict(self._state_cache)
+
+
+def mark_steps(scheduler: Any, managers: Callable[[], list[BranchStates]]) -> Callable[[], None]:
+    """Let ``scheduler.step`` (called once per denoising step by every diffusers pipeline) mark the step
+    boundaries for ``managers()``, which then split calls made outside a cache context by their order
+    within the step. Returns the function that undoes it (a no-op when there is nothing to mark)."""
+    step = getattr(scheduler, "step", None)
+    if step is None or "step" in vars(scheduler):
+        return lambda: None
+    for manager in managers():
+        manager.split_calls = True
+
+    @functools.wraps(step)
+    def step_and_mark(*args: Any, **kwargs: Any) -> Any:
+        for manager in managers():
+            manager.new_step()
+        return step(*args, **kwargs)
+
+    scheduler.step = step_and_mark
+
+    def undo() -> None:
+        scheduler.__dict__.pop("step", None)
+        for manager in managers():
+            manager.split_calls = False
+
+    return undo
 
 
 class TeaCacheState(BaseState):
@@ -201,9 +254,10 @@ class TeaCacheRunner:
         self._stack_input = None
 
     def _start_generation(self, state: TeaCacheState) -> None:
-        context = self.state_manager.current_context
-        from_context = getattr(context, "num_inference_steps", None)
-        state.num_steps = from_context if from_context is not None else self.num_steps()
+        # The runtime's own count first (the scheduler's timesteps, or this expert's share of them), which
+        # is what this transformer is really called for; else what the pipeline's cache context says.
+        counted = self.num_steps()
+        state.num_steps = counted if counted is not None else getattr(self.state_manager.current_context, "num_inference_steps", None)
         if state.num_steps is None and self.rule.final_steps > 0 and not self._warned_no_step_count:
             self._warned_no_step_count = True
             logger.warning(
@@ -226,6 +280,7 @@ class TeaCacheRunner:
     def _decide(self, block: nn.Module, args: tuple, kwargs: dict) -> Any | None:
         """The decision for this call: the skipped call's output, or None when the stack must run."""
         manager = self.state_manager
+        manager.begin_call()
         state: TeaCacheState = manager.get_state()
         context = manager.current_context
         if state.unfinished or (getattr(context, "step_index", None) == 0 and state.step > 0):
@@ -329,6 +384,7 @@ def apply_teacache(
         intercept.intercept(block, BLOCK, runner.block(index))
     # Registered last, so on the head block it runs outermost: the signal is read before the decision.
     intercept.intercept(source.module, SIGNAL, signal_reader(source, runner.receive_signal))
+    controlnet.guard(transformer)  # a call carrying ControlNet residuals is refused before any state changes
     registry.invalidate_child_registries_cache()
     return runner
 
@@ -353,6 +409,7 @@ def reset_teacache(transformer: nn.Module) -> None:
 
 def remove_teacache(transformer: nn.Module) -> None:
     """Remove TeaCache: every interceptor and the context hook; the model is then exactly as before."""
+    controlnet.unguard(transformer)
     for module in transformer.modules():
         for name in (HEAD, BLOCK, SIGNAL):
             intercept.release(module, name)

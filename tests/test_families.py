@@ -19,7 +19,6 @@ from calibrate.models import load_model
 from calibrate.recipe import Recipe
 from calibrate.recorder import TraceRecorder
 from calibrate.tiny import (
-    TINY_EXTRA_PIPELINES,
     TINY_TRANSFORMERS,
     build_tiny_transformer,
     tiny_latents,
@@ -250,7 +249,7 @@ def compose_model(name):
         return compose("record", overrides=[f"model={name}"])
 
 
-@pytest.mark.parametrize("family", TINY_EXTRA_PIPELINES)
+@pytest.mark.parametrize("family", ("sd3", "chroma", "z_image"))  # the pipelines without a cache context
 def test_tiny_pipeline_configs_record_what_the_runtime_sees(family):
     """conf/model/tiny_<family>.yaml builds its real pipeline offline; recorder x == runtime x there."""
     cfg = compose_model(f"tiny_{family}")
@@ -273,3 +272,65 @@ def test_tiny_pipeline_configs_record_what_the_runtime_sees(family):
 def _images(output):
     images = output[0]
     return torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+
+
+# ------------------------------------------------- pipelines that run CFG outside any cache context
+
+
+def test_sequential_cfg_without_context_names_the_pipelines_that_share_one_state():
+    import diffusers
+
+    from runtime.adapters import sequential_cfg_without_context
+
+    def flagged(name):
+        cls = getattr(diffusers, name)
+        return sequential_cfg_without_context(cls.__new__(cls))
+
+    # cond and uncond (or skip-layer) calls one after the other, no cache_context, in diffusers 0.42.1
+    for name in ("ChromaPipeline", "ChromaImg2ImgPipeline", "Lumina2Pipeline", "Cosmos2TextToImagePipeline",
+                 "FluxKontextPipeline", "StableDiffusion3Pipeline"):
+        assert flagged(name), name
+    # each branch in its own cache_context, or CFG batched into one call; a bare transformer
+    assert not sequential_cfg_without_context(build_tiny_transformer("chroma"))
+    for name in ("FluxPipeline", "QwenImagePipeline", "WanPipeline", "ZImagePipeline", "CogView4Pipeline",
+                 "HunyuanVideoPipeline", "HiDreamImagePipeline", "SanaPipeline"):
+        assert not flagged(name), name
+
+
+def test_chroma_cfg_branches_each_compare_with_their_own_previous_signal():
+    """ChromaPipeline with CFG: the runtime's x per branch equals rel_l1 of that branch's own signal.
+
+    The signals are read, without any cache, at the first block's call (cond then uncond each step);
+    the expected x of a branch is the relative L1 change between its consecutive signals.
+    """
+    from calibrate.tiny import build_tiny_pipeline, tiny_prompt_embeds
+    from runtime import rel_l1
+
+    steps = 4
+    pipe = build_tiny_pipeline("chroma")
+    kwargs = dict(tiny_prompt_embeds(pipe, "chroma", "a red fox", ""), height=32, width=32,
+                  num_inference_steps=steps, guidance_scale=4.0, output_type="latent")
+    transformer = pipe.transformer
+    adapter = adapter_for(transformer)
+    head = adapter.blocks(transformer)[0][1]
+    signals = []
+    handle = head.register_forward_pre_hook(
+        lambda module, args, kw: signals.append(adapter.modulated_input(BlockCall(module, args, kw))), with_kwargs=True
+    )
+    try:
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert len(signals) == 2 * steps  # cond, uncond per step
+    expected = []
+    for branch_signals in (signals[0::2], signals[1::2]):
+        xs = [float("nan")] + [rel_l1(b, a).item() for a, b in zip(branch_signals, branch_signals[1:])]
+        expected.append(xs)
+
+    with TeaCache.from_coefficients(coefficients("chroma", 0.0)).apply(pipe) as cache:
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        got = [[r.x for r in stats.trace] for stats in cache.stats.values()]
+    assert len(got) == 2, f"one state per CFG branch expected, got {len(got)}"
+    key = lambda xs: [x if x == x else -1.0 for x in xs]  # noqa: E731 (nan sorts first)
+    for mine, theirs in zip(sorted(got, key=key), sorted(expected, key=key)):
+        torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), equal_nan=True, rtol=1e-6, atol=0)

@@ -1,0 +1,147 @@
+"""Wan2.2's two experts (`transformer` above the boundary, `transformer_2` below): one coefficients file
+with a polynomial per expert, per-expert traces, per-expert fits, and a runtime that caches both."""
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from calibrate.fit import run_fit
+from calibrate.record import record
+from calibrate.tiny import TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
+from calibrate.traces import load_traces
+from runtime import Coefficients, DecisionDefaults, TeaCache, load_coefficients
+from runtime.errors import CoefficientsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline("wan22")
+
+
+def generate(pipe, prompt="a red fox"):
+    kwargs = {**TINY_RECIPES["wan22"], **tiny_prompt_embeds(pipe, "wan22", prompt, negative_prompt="")}
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+
+
+def two_polynomials(first, second, thresh=1.0):
+    return Coefficients(
+        model="test_wan22", transformer_class="WanTransformer3DModel", signal="modulated_input",
+        coefficients=first, x_range=None, defaults=DecisionDefaults(rel_l1_thresh=thresh),
+        provenance={"kind": "published", "source": "tests"},
+        experts={"transformer_2": {"coefficients": list(second), "x_range": None}},
+    )
+
+
+def test_each_expert_decides_by_its_own_polynomial(pipe, caplog):
+    """p = 0 on the high-noise expert (skips all it may), p = 100 on the low-noise one (never skips)."""
+    with caplog.at_level(logging.WARNING), TeaCache.from_coefficients(two_polynomials((0.0,), (100.0,))).apply(pipe) as cache:
+        generate(pipe)
+        stats = cache.stats
+    assert "uncached" not in caplog.text
+    assert sorted(stats) == ["transformer/cond", "transformer/uncond", "transformer_2/cond", "transformer_2/uncond"]
+    # 8 steps, boundary 0.875: the first expert runs 3 steps, the second 5; each forces its own last step.
+    for branch in ("cond", "uncond"):
+        assert [r.reason for r in stats[f"transformer/{branch}"].trace] == ["first", "skipped", "final"]
+        assert [r.reason for r in stats[f"transformer_2/{branch}"].trace] == ["first", "threshold", "threshold", "threshold", "final"]
+    # Swapped polynomials swap the behaviour: each expert follows its own.
+    with TeaCache.from_coefficients(two_polynomials((100.0,), (0.0,))).apply(pipe) as cache:
+        generate(pipe)
+        swapped = cache.stats
+    assert swapped["transformer/cond"].skipped == 0 and swapped["transformer_2/cond"].skipped == 3
+
+
+def test_threshold_zero_and_remove_are_bit_identical_on_both_experts(pipe):
+    reference = generate(pipe)
+    with TeaCache.from_coefficients(two_polynomials((1.0, 0.0), (1.0, 0.0)), rel_l1_thresh=0.0).apply(pipe):
+        cached = generate(pipe)
+    assert torch.equal(cached, reference)
+    assert torch.equal(generate(pipe), reference)
+
+
+def test_a_one_polynomial_file_caches_both_experts_and_says_so(pipe, caplog):
+    single = Coefficients(
+        model="t", transformer_class="WanTransformer3DModel", signal="modulated_input", coefficients=(0.0,),
+        x_range=None, defaults=DecisionDefaults(rel_l1_thresh=1.0), provenance={"kind": "published", "source": "t"},
+    )
+    with caplog.at_level(logging.WARNING), TeaCache.from_coefficients(single).apply(pipe) as cache:
+        generate(pipe)
+    assert "holds one polynomial, but the pipeline has 2 experts" in caplog.text
+    assert cache.stats["transformer_2/cond"].skipped > 0 and cache.stats["transformer/cond"].skipped > 0
+    with pytest.raises(CoefficientsError, match="no polynomial for expert 'transformer_2'"):
+        single.for_expert("transformer_2")
+
+
+def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("record", ["model=tiny_wan22", "limit=6", "seeds=[0,1]", f"out={tmp_path / 't.h5'}", "device=cpu"])
+        traces_path = record(cfg)
+        out = run_fit(compose("fit", [f"traces={traces_path}", f"out={tmp_path / 'c.json'}", "plot=false"]))
+    with h5py.File(traces_path) as handle:
+        assert handle.attrs["pipeline_class"] == "WanPipeline"
+        labels = {str(g.attrs["branch"]) for g in handle["runs"].values()}
+    assert labels == {"cond", "uncond", "transformer_2.cond", "transformer_2.uncond"}
+    traces = load_traces(traces_path)
+    assert traces.experts == ["transformer", "transformer_2"]
+    assert {len(t.data["x"]) for t in traces.trajectories if t.expert == "transformer"} == {3}
+    assert {len(t.data["x"]) for t in traces.trajectories if t.expert == "transformer_2"} == {5}
+
+    coefficients = load_coefficients(out)
+    assert coefficients.expert_names == ("transformer", "transformer_2")
+    assert coefficients.recipe["pipeline"] == "WanPipeline"
+    second = coefficients.for_expert("transformer_2")
+    assert second.coefficients != coefficients.coefficients and second.thresholds and second.fit["r2"] is not None
+    # Each expert's x range is the range of its own x.
+    x2 = np.concatenate([t.data["x"] for t in traces.trajectories if t.expert == "transformer_2"])
+    assert second.x_range[1] <= float(np.nanmax(x2)) + 1e-6
+    with TeaCache.from_coefficients(out, speedup=1.2).apply(pipe) as cache:
+        generate(pipe)
+    assert {key.split("/")[0] for key in cache.stats} == {"transformer", "transformer_2"}
+
+
+def test_a_file_fitted_through_another_pipeline_warns(caplog):
+    edit = Coefficients(
+        model="t", transformer_class="QwenImageTransformer2DModel", signal="modulated_input", coefficients=(0.0,),
+        x_range=None, defaults=DecisionDefaults(rel_l1_thresh=1.0), provenance={"kind": "published", "source": "t"},
+        recipe={"pipeline": "QwenImageEditPipeline"},
+    )
+    qwen = build_tiny_pipeline("qwen_image")
+    with caplog.at_level(logging.WARNING), TeaCache.from_coefficients(edit).apply(qwen):
+        pass
+    assert "was fitted through a QwenImageEditPipeline, but is applied to a QwenImagePipeline" in caplog.text
+
+
+def test_qwen_image_edit_records_fits_and_serves_through_the_edit_pipeline(tmp_path, caplog):
+    """The edit pipeline concatenates the input image's latents to the sequence; its file says so, and
+    the runtime warns when that file is applied to the text-to-image pipeline."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("record", ["model=tiny_qwen_image_edit", "limit=4", "seeds=[0]", f"out={tmp_path / 't.h5'}", "device=cpu"])
+        traces_path = record(cfg)
+        out = run_fit(compose("fit", [f"traces={traces_path}", f"out={tmp_path / 'c.json'}", "plot=false", "heldout_fraction=0.5"]))
+    coefficients = load_coefficients(out)
+    assert coefficients.recipe["pipeline"] == "QwenImageEditPipeline"
+    edit = build_tiny_pipeline("qwen_image_edit")
+    kwargs = {**TINY_RECIPES["qwen_image_edit"], **tiny_prompt_embeds(edit, "qwen_image_edit", "make it red", negative_prompt="")}
+    reference = edit(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+    with caplog.at_level(logging.WARNING), TeaCache.from_coefficients(out, rel_l1_thresh=0.0).apply(edit) as cache:
+        cached = edit(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+    assert "fitted through" not in caplog.text
+    assert torch.equal(cached, reference) and cache.stats["cond"].computed == 8
+
+
+def test_an_edit_hub_config_needs_its_input_images_before_loading(tmp_path):
+    from calibrate.models import ModelLoadError, load_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("record", ["model=qwen_image_edit"])
+    with pytest.raises(ModelLoadError, match="needs an input image per prompt; pass model.edit_images="):
+        load_model(cfg.model, "cpu", torch.float32)
+    cfg.model.edit_images = str(tmp_path)
+    with pytest.raises(ModelLoadError, match="holds no png, jpg or webp images"):
+        load_model(cfg.model, "cpu", torch.float32)
