@@ -113,6 +113,14 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
         def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
             return tiny_prompt_embeds(pipe, family, prompt, negative)
 
+    elif source == "tiny_loop":
+        from .tiny import TinyTransformerLoop
+
+        pipe = TinyTransformerLoop(model_cfg.family, seed=int(model_cfg.get("seed", 0))).to(device, dtype)
+
+        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+            return {"prompt": prompt, "negative_prompt": negative}
+
     elif source == "reference":
         from reference.pipeline import load_reference_pipeline, reference_prompt_kwargs
 
@@ -143,7 +151,7 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
 
     else:
         raise ModelLoadError(
-            f"model.source={source!r} in model config {model_cfg.name!r} is not one of hub, tiny, reference, reference_video."
+            f"model.source={source!r} in model config {model_cfg.name!r} is not one of hub, tiny, tiny_loop, reference, reference_video."
         )
     if edit_images is not None:
         prompt_kwargs = _with_edit_images(prompt_kwargs, edit_images)

@@ -586,3 +586,73 @@ def tiny_transformer_kwargs(family: str, latents: torch.Tensor, sigma: float, te
                     encoder_hidden_states_2=text_emb.flip(1), encoder_attention_mask_2=mask,
                     image_embeds=torch.zeros(1, 4, _TEXT_DIM), return_dict=False)
     raise AssertionError(family)
+
+
+class TinyTransformerLoop:
+    """A sampling loop around a bare tiny transformer, for the families whose diffusers pipeline cannot be
+    built offline (text encoders, guiders, guardrails): what ``calibrate.record`` and the runtime need of a
+    pipeline, and nothing else.
+
+    ``transformer`` is the real diffusers class (:func:`build_tiny_transformer`); ``scheduler`` is diffusers'
+    ``FlowMatchEulerDiscreteScheduler``. A call runs ``num_inference_steps`` Euler steps from seeded noise:
+    with guidance > 1 and a class that has ``CacheMixin``, a "cond" and an "uncond" call per step, each in
+    its cache context, as diffusers pipelines do; otherwise one call per step without a context. At the
+    end the transformer's stateful hooks are reset, as a pipeline's ``maybe_free_model_hooks`` does.
+    """
+
+    def __init__(self, family: str, seed: int = 0) -> None:
+        self.family = family
+        self.seed = seed
+        self.transformer = build_tiny_transformer(family, seed)
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        pass
+
+    def to(self, device: Any = None, dtype: Any = None) -> "TinyTransformerLoop":
+        self.transformer.to(device=device, dtype=dtype)
+        return self
+
+    def _call(self, latents: torch.Tensor, sigma: float, text: str, branch: str | None) -> torch.Tensor:
+        kwargs = tiny_transformer_kwargs(self.family, latents, sigma, text)
+        device, dtype = self.transformer.device, self.transformer.dtype
+        kwargs = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        if branch is None:
+            out = self.transformer(**kwargs)
+        else:
+            with self.transformer.cache_context(branch):
+                out = self.transformer(**kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        out = torch.stack(list(out)) if isinstance(out, list) else out
+        if out.numel() != latents.numel():
+            raise ValueError(f"tiny {self.family} returned {tuple(out.shape)} for latents {tuple(latents.shape)}")
+        return out.reshape(latents.shape)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 8,
+                 guidance_scale: float = 1.0, generator: torch.Generator | None = None, output_type: str = "latent",
+                 **ignored: Any) -> tuple[torch.Tensor]:
+        latents = torch.randn(_LATENT_SHAPES[self.family], generator=generator).to(self.transformer.device, self.transformer.dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        cfg = guidance_scale > 1 and negative_prompt is not None and hasattr(self.transformer, "cache_context")
+        for i, t in enumerate(self.scheduler.timesteps):
+            sigma = float(self.scheduler.sigmas[i])
+            if cfg:
+                cond = self._call(latents, sigma, prompt, "cond")
+                uncond = self._call(latents, sigma, negative_prompt, "uncond")
+                velocity = uncond + guidance_scale * (cond - uncond)
+            else:
+                velocity = self._call(latents, sigma, prompt, None)
+            latents = self.scheduler.step(velocity, t, latents).prev_sample
+        if hasattr(self.transformer, "_reset_stateful_cache"):
+            self.transformer._reset_stateful_cache()
+        elif hasattr(self.transformer, "_diffusers_hook"):
+            self.transformer._diffusers_hook.reset_stateful_hooks()
+        return (latents,)
+
+
+# Families with a tiny conf/model/tiny_<family>.yaml driven by TinyTransformerLoop.
+TINY_LOOP_FAMILIES: tuple[str, ...] = (
+    "hunyuan_video", "hunyuan_image", "ltx_video", "cogvideox", "mochi", "flux2", "lumina2", "hidream", "sana",
+    "cogview4", "cosmos", "skyreels_v2", "hunyuan_video15",
+)
