@@ -26,7 +26,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from runtime.coefficients import Coefficients, DecisionDefaults, ThresholdRow, save_coefficients, threshold_reaching
+from runtime.coefficients import Coefficients, ThresholdRow, save_coefficients, threshold_reaching
+from runtime.settings import DecisionSettings
 
 from .cli import CONF_PATH, one_line_errors
 from .fitting import METHODS, FitError, PolyFit, fit_polynomial, heldout_prompts, r_squared, threshold_grid
@@ -47,9 +48,9 @@ class FitSettings:
     signal: str = "auto"
     heldout_fraction: float = 0.25
     default_speedup: float = 1.5
-    warmup_steps: int = 1
-    final_steps: int = 1
-    max_consecutive_skips: int | None = None
+    # The decision settings the file's defaults carry and the table is replayed with (its threshold is
+    # the fit's to choose): the one settings object of the runtime.
+    decision: DecisionSettings = DecisionSettings(rel_l1_thresh=0.0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.degree, int) or isinstance(self.degree, bool) or not 1 <= self.degree <= 12:
@@ -68,19 +69,26 @@ class FitSettings:
             raise FitError(f"signal={self.signal!r} is not one of auto, {', '.join(SIGNAL_FIELDS)}.")
         if not isinstance(self.default_speedup, (int, float)) or self.default_speedup < 1:
             raise FitError(f"default_speedup must be a number >= 1, got {self.default_speedup!r}.")
-        self.rule(0.0)  # the decision settings are checked by the runtime's own rule
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.decision.warmup_steps
 
     def rule(self, rel_l1_thresh: float, fit: PolyFit | None = None) -> DecisionRule:
+        """The runtime's rule with this polynomial at ``rel_l1_thresh`` (the upstream rule: the table
+        and the default threshold are those of accumulate-and-threshold)."""
         from runtime.decision import DecisionRule  # torch
 
-        return DecisionRule(
-            coefficients=fit.coefficients if fit else (0.0,),
-            x_range=fit.x_range if fit else None,
-            rel_l1_thresh=rel_l1_thresh,
-            warmup_steps=self.warmup_steps,
-            final_steps=self.final_steps,
-            max_consecutive_skips=self.max_consecutive_skips,
-        )
+        polynomial = fit if fit is not None else _ZERO
+        return DecisionRule.of(polynomial, self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule="teacache"))
+
+
+class _Zero:
+    coefficients = (0.0,)
+    x_range = None
+
+
+_ZERO = _Zero()
 
 
 @dataclass
@@ -257,12 +265,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         coefficients=chosen.coefficients,
         x_range=chosen.x_range,
         recipe={**traces.recipe.for_coefficients(), **({"pipeline": traces.pipeline_class} if traces.pipeline_class else {})},
-        defaults=DecisionDefaults(
-            rel_l1_thresh=default,
-            warmup_steps=settings.warmup_steps,
-            final_steps=settings.final_steps,
-            max_consecutive_skips=settings.max_consecutive_skips,
-        ),
+        defaults=settings.decision.with_overrides(rel_l1_thresh=default),
         thresholds=tuple(rows),
         fit=_rounded(report),
         provenance={
@@ -315,6 +318,21 @@ def _rounded(value: Any, key: str | None = None) -> Any:
     return value
 
 
+def decision_settings(cfg: DictConfig) -> DecisionSettings:
+    """The decision settings of the fit's config (checked by the runtime's own settings object)."""
+    from runtime.errors import ConfigError
+
+    try:
+        return DecisionSettings(
+            rel_l1_thresh=0.0,
+            warmup_steps=cfg.warmup_steps,
+            final_steps=cfg.final_steps,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+        )
+    except ConfigError as exc:
+        raise FitError(str(exc).replace("decision settings: ", "")) from None
+
+
 def run_fit(cfg: DictConfig) -> Path:
     settings = FitSettings(
         degree=cfg.degree,
@@ -322,9 +340,7 @@ def run_fit(cfg: DictConfig) -> Path:
         signal=cfg.signal,
         heldout_fraction=cfg.heldout_fraction,
         default_speedup=cfg.default_speedup,
-        warmup_steps=cfg.warmup_steps,
-        final_steps=cfg.final_steps,
-        max_consecutive_skips=cfg.max_consecutive_skips,
+        decision=decision_settings(cfg),
     )
     from runtime.coefficients import commit_file, unwritable
     from runtime.errors import CoefficientsError

@@ -8,11 +8,20 @@ On prompts and seeds the fit never saw, side by side in one run:
 - ``mag_cache``: diffusers' MagCache, its ratios calibrated with its own calibrate mode on the same
   recipe (one prompt the fit saw), over its threshold grid;
 - ``oracle``: the same accumulate-and-threshold rule as TeaCache, driven by the true output change
-  measured in full compute instead of the fitted polynomial: what no coefficient fit can beat.
+  measured in full compute instead of the fitted polynomial;
+- ``taylorseer``: diffusers' TaylorSeer (``TaylorSeerCacheConfig``: attention outputs predicted by a Taylor
+  expansion between full steps) over its ``cache_interval`` grid (1 computes every step);
+- ``uniform``: a fixed schedule, the same for every output: at each budget (a computed fraction) that many
+  steps spread evenly, forced through our runtime. The simplest content-independent control;
+- ``schedule_search``: per output and budget, the schedule (which steps to compute) with the smallest
+  error of the final image against full compute, found by a search over real generations
+  (calibrate/schedule_search.py): the bound no skip rule should beat.
 
 Per setting: PSNR and SSIM against full compute (LPIPS when its weights are already on disk), the
-computed fraction (calls in which the last block ran), and the wall-clock speedup (median of repeats,
-all methods timed in the same loop). Writes ``<out>/sweep.json`` and ``<out>/pareto.png``.
+reference model's own judge (calibrate.metrics.Perceptual: agreement with full compute's verdict and a
+feature distance), the computed fraction (calls in which the last block's attention really ran), and the
+wall-clock speedup (median of repeats, all methods timed in the same loop; the search's own cost is
+reported apart). Writes ``<out>/sweep.json`` and ``<out>/pareto.png``.
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "teacache", "oracle", "first_block_cache", "mag_cache")
+METHODS = ("full", "teacache", "oracle", "first_block_cache", "mag_cache", "taylorseer", "uniform", "schedule_search")
+#: Methods whose setting is a budget (computed fraction) from ``budgets``, not a threshold.
+BUDGETED = ("uniform", "schedule_search")
 
 
 @dataclass
@@ -66,22 +77,31 @@ class Row:
     psnr: float | None  # None: identical to full compute (infinite PSNR)
     ssim: float
     lpips: float | None
+    agreement: float | None  # fraction of outputs the model's judge scores like full compute (None: no judge)
+    feature_distance: float | None  # mean distance in the judge's embedding (None: no judge or no embedding)
     n_outputs: int
     max_abs_diff: float
 
 
 class ComputeProbe:
-    """Counts transformer calls and the calls in which the last block really ran (its attention)."""
+    """Counts transformer calls and the calls in which the last block's attention really ran.
+
+    The probe sits on the attention's first linear layer, not on the attention module: diffusers' TaylorSeer
+    replaces the attention's forward by a prediction, which a hook on the module itself would still count.
+    """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
+        import torch
+
         from runtime.adapters import adapter_for
 
         last = adapter_for(transformer).blocks(transformer)[-1][1]
         attention = next(m for name, m in last.named_children() if name.startswith("attn"))
+        projection = next(m for m in attention.modules() if isinstance(m, torch.nn.Linear))
         self.calls = self.computed = 0
         self._handles = [
             transformer.register_forward_pre_hook(lambda *_: self._count("calls")),
-            attention.register_forward_hook(lambda *_: self._count("computed")),
+            projection.register_forward_hook(lambda *_: self._count("computed")),
         ]
 
     def _count(self, name: str) -> None:
@@ -90,6 +110,16 @@ class ComputeProbe:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _Identity:
+    """p(x) = x over all x: the oracle's polynomial (its x is already the true output change)."""
+
+    coefficients = (1.0, 0.0)
+    x_range = None
+
+
+_IDENTITY = _Identity()
 
 
 class OracleChange:
@@ -168,30 +198,52 @@ def held_out_work(cfg: DictConfig, coefficients: Coefficients) -> list[tuple[str
 def method_applied(
     method: str, setting: float | None, model: LoadedModel, coefficients: Coefficients, extras: dict[str, Any]
 ) -> Iterator[None]:
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     from runtime import DecisionRule, TeaCache
-    from runtime.hooks import apply_teacache, remove_teacache
+    from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
+
+    from .schedule_search import ScheduleChange, computed_steps, forced_schedule, uniform_schedule
 
     transformer = model.transformer
     if method == "full":
         yield
+    elif method in BUDGETED:
+        steps = extras["steps"]
+        if method == "uniform":
+            change = ScheduleChange(uniform_schedule(steps, computed_steps(setting, steps)))
+        else:
+            schedules = extras["schedules"]
+            change = ScheduleChange(lambda: schedules[extras["current"]["key"]][setting])
+        scheduler = model.pipe.scheduler
+        with forced_schedule(transformer, change, lambda: len(scheduler.timesteps)):
+            yield
     elif method == "teacache":
         with TeaCache.from_coefficients(coefficients, rel_l1_thresh=setting).apply(model.pipe):
             yield
     elif method == "oracle":
         d = coefficients.defaults
-        rule = DecisionRule((1.0, 0.0), None, setting, d.warmup_steps, d.final_steps, d.max_consecutive_skips)
+        rule = DecisionRule.of(_IDENTITY, d.with_overrides(rel_l1_thresh=setting, rule="teacache"))
         scheduler = model.pipe.scheduler
         oracle = OracleChange(extras["true_changes"], extras["current"])
-        apply_teacache(transformer, rule, "modulated_input", CacheStats(), lambda: len(scheduler.timesteps), oracle)
+        apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), lambda: len(scheduler.timesteps), oracle))
         try:
             yield
         finally:
             remove_teacache(transformer)
-    elif method in ("first_block_cache", "mag_cache"):
+    elif method in ("first_block_cache", "mag_cache", "taylorseer"):
         if method == "first_block_cache":
             config = FirstBlockCacheConfig(threshold=setting)
+        elif method == "taylorseer":
+            import torch
+
+            taylor = extras["taylorseer"]
+            config = TaylorSeerCacheConfig(
+                cache_interval=int(setting),
+                disable_cache_before_step=int(taylor["disable_cache_before_step"]),
+                max_order=int(taylor["max_order"]),
+                taylor_factors_dtype=getattr(torch, str(taylor["factors_dtype"])),
+            )
         else:
             config = MagCacheConfig(
                 threshold=setting,
@@ -227,9 +279,10 @@ def run_sweep(cfg: DictConfig) -> Path:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r} in methods=; choose from {', '.join(METHODS)}.")
+    search_cfg = _check_search_settings(cfg, methods, recipe.num_inference_steps)
     import torch  # and diffusers with the models: only now, after the checks above
 
-    from .metrics import Lpips, psnr, ssim
+    from .metrics import Lpips, Perceptual, psnr, ssim
     from .models import load_model, resolve_device, resolve_dtype
     from .recorder import TraceRecorder
 
@@ -237,10 +290,14 @@ def run_sweep(cfg: DictConfig) -> Path:
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
 
     settings: list[tuple[str, float | None]] = [("full", None)]
-    extras: dict[str, Any] = {"steps": recipe.num_inference_steps, "mag_cache": dict(cfg.mag_cache), "current": {}}
+    extras: dict[str, Any] = {
+        "steps": recipe.num_inference_steps, "mag_cache": dict(cfg.mag_cache), "taylorseer": dict(cfg.taylorseer), "current": {},
+    }
     for method in methods:
         if method in ("teacache", "oracle"):
             grid = teacache_thresholds(coefficients, cfg.teacache_points)
+        elif method in BUDGETED:
+            grid = list(cfg.budgets)
         else:
             grid = list(cfg.thresholds[method])
         settings += [(method, float(t)) for t in grid]
@@ -253,6 +310,9 @@ def run_sweep(cfg: DictConfig) -> Path:
     if "mag_cache" in methods:
         calibration_prompt = prompt_texts(cfg)[0]
         extras["mag_ratios"] = magcache_ratios(model, recipe, calibration_prompt, seed=0)
+    search_report = None
+    if "schedule_search" in methods:
+        extras["schedules"], search_report = search_all(model, recipe, work, [float(b) for b in cfg.budgets], search_cfg)
 
     def generate_all() -> list[np.ndarray]:
         images = []
@@ -291,6 +351,7 @@ def run_sweep(cfg: DictConfig) -> Path:
     lpips = Lpips()
     if not lpips.available:
         log.info("LPIPS skipped: %s", lpips.reason)
+    judge = Perceptual(str(cfg.model.source))
     full_images, full_time = outputs[("full", None)], statistics.median(times[("full", None)])
     rows = []
     for key in settings:
@@ -298,6 +359,9 @@ def run_sweep(cfg: DictConfig) -> Path:
         psnrs = [psnr(a, b) for a, b in zip(images, full_images)]
         lp = [lpips(a, b) for a, b in zip(images, full_images)]
         finite = [v for v in psnrs if math.isfinite(v)]
+        judged = [judge(a, b, prompt) for a, b, (prompt, _) in zip(images, full_images, work)]
+        agreements = [a for a, _ in judged if a is not None]
+        distances = [d for _, d in judged if d is not None]
         rows.append(
             Row(
                 method=key[0],
@@ -307,6 +371,8 @@ def run_sweep(cfg: DictConfig) -> Path:
                 psnr=None if not finite else round(float(np.mean([min(v, 100.0) for v in psnrs])), 3),
                 ssim=round(float(np.mean([ssim(a, b) for a, b in zip(images, full_images)])), 5),
                 lpips=None if lp[0] is None else round(float(np.mean(lp)), 5),
+                agreement=round(float(np.mean(agreements)), 4) if agreements else None,
+                feature_distance=round(float(np.mean(distances)), 5) if distances else None,
                 n_outputs=len(images),
                 max_abs_diff=float(max(np.abs(a - b).max() for a, b in zip(images, full_images))),
             )
@@ -322,8 +388,11 @@ def run_sweep(cfg: DictConfig) -> Path:
         "outputs": [{"prompt": p, "seed": s} for p, s in work],
         "lpips": "computed" if lpips.available else f"skipped: {lpips.reason}",
         "psnr_note": "mean over outputs, each capped at 100 dB; null when every output equals full compute",
+        "perceptual": judge.description,
         "rows": [asdict(r) for r in rows],
     }
+    if search_report is not None:
+        document["schedule_search"] = {**search_report, "bound_check": bound_check(rows)}
     from runtime.coefficients import unwritable, write_atomically
 
     text = json.dumps(document, indent=1) + "\n"
@@ -339,11 +408,119 @@ def run_sweep(cfg: DictConfig) -> Path:
 
 
 def _print_table(rows: list[Row]) -> None:
-    print(f"{'method':<18} {'setting':>8} {'computed':>9} {'speedup':>8} {'PSNR':>8} {'SSIM':>7}")
+    print(f"{'method':<18} {'setting':>8} {'computed':>9} {'speedup':>8} {'PSNR':>8} {'SSIM':>7} {'agree':>6} {'feat.d':>7}")
     for r in rows:
         setting = "" if r.setting is None else f"{r.setting:g}"
         quality = "inf" if r.psnr is None else f"{r.psnr:.2f}"
-        print(f"{r.method:<18} {setting:>8} {r.computed_fraction:>9.3f} {r.wall_speedup:>8.2f} {quality:>8} {r.ssim:>7.4f}")
+        agree = "" if r.agreement is None else f"{r.agreement:.2f}"
+        distance = "" if r.feature_distance is None else f"{r.feature_distance:.4f}"
+        print(
+            f"{r.method:<18} {setting:>8} {r.computed_fraction:>9.3f} {r.wall_speedup:>8.2f} {quality:>8} {r.ssim:>7.4f}"
+            f" {agree:>6} {distance:>7}"
+        )
+
+
+def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) -> dict[str, Any]:
+    """``budgets`` and ``schedule_search.*``, checked before anything loads; returns the search settings."""
+    from .schedule_search import computed_steps
+
+    if any(m in BUDGETED for m in methods):
+        budgets = list(cfg.budgets or [])
+        if not budgets:
+            raise ConfigError("budgets is empty but uniform or schedule_search was asked for; pass e.g. budgets=[0.3,0.5,0.7].")
+        for budget in budgets:
+            computed_steps(budget, num_steps)  # raises ConfigError for a budget outside (0, 1]
+    search = dict(cfg.schedule_search)
+    for name, low in (("passes", 0), ("radius", 1)):
+        value = search.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(
+                f"schedule_search.{name} must be an integer >= {low}, got {value!r}; pass e.g. schedule_search.{name}={max(low, 2)}."
+            )
+    if not isinstance(search.get("greedy"), bool):
+        raise ConfigError(f"schedule_search.greedy must be true or false, got {search.get('greedy')!r}.")
+    return search
+
+
+def search_all(
+    model: LoadedModel, recipe: Recipe, work: list[tuple[str, int]], budgets: list[float], search: dict[str, Any]
+) -> tuple[dict[tuple[str, int], dict[float, frozenset]], dict[str, Any]]:
+    """The schedule search for every output: ``{(prompt, seed): {budget: steps}}`` and the report for
+    sweep.json (settings, cost, and per output and budget the schedule and its gain over uniform)."""
+    from .schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+
+    steps = recipe.num_inference_steps
+    counts = {b: computed_steps(b, steps) for b in budgets}
+    current: dict[str, frozenset] = {"steps": frozenset()}
+    scheduler = model.pipe.scheduler
+    schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
+    per_output, evaluations, seconds = [], 0, 0.0
+    for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
+        full = _images(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
+
+        def error(candidate: frozenset) -> float:
+            current["steps"] = candidate
+            return float(np.mean((_images(model.generate(prompt, seed, recipe, output_type="np")) - full) ** 2))
+
+        with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+            results, cost = search_schedules(
+                error, steps, list(counts.values()), passes=search["passes"], radius=search["radius"], greedy=search["greedy"]
+            )
+        schedules[(prompt, seed)] = {b: results[k].steps for b, k in counts.items()}
+        evaluations, seconds = evaluations + cost.evaluations, seconds + cost.seconds
+        per_output.append({
+            "prompt": prompt,
+            "seed": seed,
+            "evaluations": cost.evaluations,
+            "budgets": [
+                {
+                    "budget": b,
+                    "computed_steps": k,
+                    "steps": sorted(results[k].steps),
+                    "start": results[k].start,
+                    "psnr": round(_db(results[k].error), 3),
+                    "uniform_psnr": round(_db(results[k].uniform_error), 3),
+                }
+                for b, k in counts.items()
+            ],
+        })
+    report = {
+        "settings": {**search, "budgets": budgets},
+        "evaluations": evaluations,
+        "seconds": round(seconds, 2),
+        "seconds_per_evaluation": round(seconds / max(evaluations, 1), 4),
+        "per_output": per_output,
+    }
+    log.info("schedule search: %d generations in %.1f s", evaluations, seconds)
+    return schedules, report
+
+
+def _db(mse: float) -> float:
+    return 100.0 if mse <= 0 else min(100.0, 10.0 * math.log10(1.0 / mse))
+
+
+def bound_check(rows: list[Row]) -> list[dict[str, Any]]:
+    """Each rule's row against the search's PSNR at the same computed fraction (linear between the
+    search's budgets; rows outside their range are left out). ``margin_db`` > 0: the rule beat the search.
+
+    TaylorSeer is left out: it does not skip steps but predicts the attention outputs (the rest of every block
+    still runs), so its computed fraction counts something else and the search's space does not hold it."""
+    bound = sorted((r.computed_fraction, r.psnr) for r in rows if r.method == "schedule_search" and r.psnr is not None)
+    if len(bound) < 1:
+        return []
+    fractions = [f for f, _ in bound]
+    checks = []
+    for r in rows:
+        if r.method in ("full", "schedule_search", "taylorseer") or r.psnr is None:
+            continue
+        if not fractions[0] <= r.computed_fraction <= fractions[-1]:
+            continue
+        at = float(np.interp(r.computed_fraction, fractions, [p for _, p in bound]))
+        checks.append({
+            "method": r.method, "setting": r.setting, "computed_fraction": r.computed_fraction,
+            "psnr": r.psnr, "search_psnr": round(at, 3), "margin_db": round(r.psnr - at, 3),
+        })
+    return checks
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="sweep")

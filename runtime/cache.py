@@ -14,13 +14,10 @@ from .coefficients import Coefficients, available_names, coefficients_dir, load_
 from .decision import DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
 from .controlnet import refuse_controlnet_pipeline
-from .hooks import apply_teacache, mark_steps, remove_teacache, reset_teacache, states_of
+from .hooks import TeaCacheConfig, apply_teacache, mark_steps, remove_teacache, reset_teacache, states_of
 from .stats import BranchStats, CacheStats
 
 logger = logging.getLogger(__name__)
-
-_OVERRIDABLE = ("warmup_steps", "final_steps", "max_consecutive_skips")
-
 
 class TeaCache:
     """Skip a diffusers transformer's block stack on steps where its output would barely change.
@@ -32,12 +29,7 @@ class TeaCache:
     """
 
     def __init__(self, coefficients: Coefficients, rel_l1_thresh: float | None = None, **overrides: Any) -> None:
-        unknown = sorted(set(overrides) - set(_OVERRIDABLE))
-        if unknown:
-            raise ConfigError(
-                f"unknown TeaCache setting {unknown[0]!r}; the settings are rel_l1_thresh, speedup, "
-                f"{', '.join(_OVERRIDABLE)}."
-            )
+        coefficients.defaults.with_overrides(rel_l1_thresh=rel_l1_thresh, **overrides)  # unknown or bad: refused now
         self.coefficients = coefficients
         self._rel_l1_thresh = rel_l1_thresh
         self._speedup: float | None = None
@@ -50,18 +42,10 @@ class TeaCache:
 
     def _rule_for(self, coefficients: Coefficients) -> DecisionRule:
         """The decision rule of one expert's polynomial, with this cache's threshold and overrides."""
-        defaults, overrides = coefficients.defaults, self._overrides
         thresh = self._rel_l1_thresh
         if self._speedup is not None:
             thresh = coefficients.threshold_for_speedup(self._speedup)
-        return DecisionRule(
-            coefficients=coefficients.coefficients,
-            x_range=coefficients.x_range,
-            rel_l1_thresh=defaults.rel_l1_thresh if thresh is None else thresh,
-            warmup_steps=overrides.get("warmup_steps", defaults.warmup_steps),
-            final_steps=overrides.get("final_steps", defaults.final_steps),
-            max_consecutive_skips=overrides.get("max_consecutive_skips", defaults.max_consecutive_skips),
-        )
+        return DecisionRule.of(coefficients, coefficients.defaults.with_overrides(rel_l1_thresh=thresh, **self._overrides))
 
     @classmethod
     def from_coefficients(
@@ -127,7 +111,7 @@ class TeaCache:
             stats = self._stats.setdefault(name, CacheStats())
             steps = _step_counter(name, experts, scheduler, pipe, num_inference_steps)
             try:
-                apply_teacache(transformer, rule, self.signal, stats, steps)
+                apply_teacache(transformer, TeaCacheConfig(rule, self.signal, stats, steps))
             except BaseException:
                 self.remove()
                 raise

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import CoefficientsError, ConfigError
+from .settings import DecisionSettings, validate_decision_settings
 
 SCHEMA = "teacache-coefficients/1"
 SIGNALS = ("modulated_input", "timestep_embedding")
@@ -53,47 +54,8 @@ def available_names() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
 
 
-@dataclass(frozen=True)
-class DecisionDefaults:
-    """Decision settings a file recommends; every one can be overridden at ``from_coefficients``.
-
-    - ``rel_l1_thresh``: skip while the accumulated prediction stays below it (0 never skips).
-    - ``warmup_steps``: leading steps always computed (step 0 is computed in any case).
-    - ``final_steps``: trailing steps always computed (needs the step count, see the runtime).
-    - ``max_consecutive_skips``: cap on skips in a row, ``None`` for no cap.
-    """
-
-    rel_l1_thresh: float
-    warmup_steps: int = 1
-    final_steps: int = 1
-    max_consecutive_skips: int | None = None
-
-    def __post_init__(self) -> None:
-        validate_decision_settings(
-            rel_l1_thresh=self.rel_l1_thresh,
-            warmup_steps=self.warmup_steps,
-            final_steps=self.final_steps,
-            max_consecutive_skips=self.max_consecutive_skips,
-            where="defaults",
-        )
-
-
-def validate_decision_settings(
-    *, rel_l1_thresh: Any, warmup_steps: Any, final_steps: Any, max_consecutive_skips: Any, where: str
-) -> None:
-    """Raise :class:`ConfigError` naming the first decision setting outside its valid range."""
-    if not _is_number(rel_l1_thresh) or not math.isfinite(rel_l1_thresh) or rel_l1_thresh < 0:
-        raise ConfigError(
-            f"{where}: rel_l1_thresh must be a finite number >= 0, got {rel_l1_thresh!r} "
-            "(0 never skips; larger values skip more steps)."
-        )
-    for name, value in (("warmup_steps", warmup_steps), ("final_steps", final_steps)):
-        if not _is_int(value) or value < 0:
-            raise ConfigError(f"{where}: {name} must be an integer >= 0, got {value!r}.")
-    if max_consecutive_skips is not None and (not _is_int(max_consecutive_skips) or max_consecutive_skips < 1):
-        raise ConfigError(
-            f"{where}: max_consecutive_skips must be an integer >= 1 or None (no cap), got {max_consecutive_skips!r}."
-        )
+#: The file's ``defaults``: the decision settings it recommends (one class for file, runtime, fit and sweep).
+DecisionDefaults = DecisionSettings
 
 
 @dataclass(frozen=True)
@@ -120,6 +82,8 @@ class Coefficients:
     thresholds: tuple[ThresholdRow, ...] = ()
     fit: Mapping[str, Any] | None = None
     experts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    step_weights: tuple[float, ...] | None = None  # teacache_dsigma: per step, the sigma step over its mean
+    schedule: tuple[int, ...] | None = None  # fixed_schedule: the steps to compute
     origin: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -136,7 +100,7 @@ class Coefficients:
             "coefficients": list(self.coefficients),
             "x_range": list(self.x_range) if self.x_range is not None else None,
             "recipe": dict(self.recipe),
-            "defaults": dataclasses.asdict(self.defaults),
+            "defaults": self.defaults.to_dict(),
         }
         if self.thresholds:
             out["thresholds"] = [dataclasses.asdict(row) for row in self.thresholds]
@@ -144,6 +108,10 @@ class Coefficients:
             out["fit"] = dict(self.fit)
         if self.experts:
             out["experts"] = {name: dict(expert) for name, expert in self.experts.items()}
+        if self.step_weights is not None:
+            out["step_weights"] = list(self.step_weights)
+        if self.schedule is not None:
+            out["schedule"] = list(self.schedule)
         out["provenance"] = dict(self.provenance)
         return out
 
@@ -273,6 +241,8 @@ def coefficients_from_dict(data: Any, origin: str = "<memory>") -> Coefficients:
         thresholds=thresholds,
         fit=data.get("fit"),
         experts=dict(data.get("experts") or {}),
+        step_weights=tuple(float(w) for w in data["step_weights"]) if data.get("step_weights") is not None else None,
+        schedule=tuple(int(s) for s in data["schedule"]) if data.get("schedule") is not None else None,
         provenance=dict(data["provenance"]),
         origin=origin,
     )
@@ -394,6 +364,8 @@ _TOP_LEVEL = {
     "thresholds",
     "fit",
     "experts",
+    "step_weights",
+    "schedule",
     "provenance",
 }
 _REQUIRED = ("schema", "model", "transformer_class", "signal", "coefficients", "x_range", "defaults", "provenance")
@@ -493,6 +465,7 @@ def _validate(data: Any, origin: str) -> None:
             warmup_steps=defaults.get("warmup_steps", 1),
             final_steps=defaults.get("final_steps", 1),
             max_consecutive_skips=defaults.get("max_consecutive_skips"),
+            rule=defaults.get("rule", "teacache"),
             where=f"{origin}: defaults",
         )
     except ConfigError as exc:
@@ -503,6 +476,22 @@ def _validate(data: Any, origin: str) -> None:
     fit = data.get("fit")
     if fit is not None and not isinstance(fit, dict):
         raise _fail(origin, "fit", f"must be an object, got {fit!r}", refit)
+
+    weights = data.get("step_weights")
+    if weights is not None and (
+        not isinstance(weights, list) or not weights or not all(_is_number(w) and _finite32(w) and w >= 0 for w in weights)
+    ):
+        raise _fail(origin, "step_weights", f"must be a non-empty list of numbers >= 0 (one per step), got {_short(weights)}", refit)
+    schedule = data.get("schedule")
+    if schedule is not None and (
+        not isinstance(schedule, list) or not all(_is_int(s) and s >= 0 for s in schedule) or len(set(schedule)) != len(schedule)
+    ):
+        raise _fail(origin, "schedule", f"must be a list of distinct step indices >= 0, got {_short(schedule)}", refit)
+    rule = defaults.get("rule", "teacache")
+    if rule == "teacache_dsigma" and weights is None:
+        raise _fail(origin, "step_weights", "is missing for rule teacache_dsigma", refit)
+    if rule == "fixed_schedule" and schedule is None:
+        raise _fail(origin, "schedule", "is missing for rule fixed_schedule", refit)
 
     experts = data.get("experts")
     if experts is not None:

@@ -18,10 +18,12 @@ a batch of recorded trajectories at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .coefficients import validate_decision_settings
+from .errors import ConfigError
+from .settings import DecisionSettings, validate_decision_settings
 
 # Reasons a call was computed or skipped, as they appear in ``TeaCache.stats``.
 FIRST, WARMUP, FINAL, MAX_SKIPS, SHAPE_CHANGE = "first", "warmup", "final", "max_skips", "shape_change"
@@ -30,7 +32,18 @@ THRESHOLD, NONFINITE, SKIPPED = "threshold", "nonfinite", "skipped"
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """The polynomial and the decision settings; :meth:`__post_init__` rejects nonsense settings."""
+    """The polynomial, the decision settings and the rule variant's data.
+
+    ``rule`` (see ``runtime.settings.RULES``):
+
+    - ``teacache``: the upstream rule, as above;
+    - ``teacache_dsigma``: each step's prediction is weighted by ``step_weights[step]``, the sampler's
+      sigma step there relative to its mean step (a stale residual costs in proportion to the step it
+      is integrated over); steps past the weights count 1;
+    - ``teacache_joint``: the CFG branches of one step take one decision, the first branch's (the
+      runtime shares it; :func:`replay` of the leading branch gives it);
+    - ``fixed_schedule``: compute exactly the steps in ``schedule`` (and the forced ones), whatever x says.
+    """
 
     coefficients: tuple[float, ...]
     x_range: tuple[float, float] | None
@@ -38,15 +51,59 @@ class DecisionRule:
     warmup_steps: int = 1
     final_steps: int = 1
     max_consecutive_skips: int | None = None
+    rule: str = "teacache"
+    step_weights: tuple[float, ...] | None = None
+    schedule: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         validate_decision_settings(
+            rel_l1_thresh=self.rel_l1_thresh, warmup_steps=self.warmup_steps, final_steps=self.final_steps,
+            max_consecutive_skips=self.max_consecutive_skips, rule=self.rule, where="TeaCache",
+        )
+        if self.rule == "teacache_dsigma" and not self.step_weights:
+            raise ConfigError("the teacache_dsigma rule needs step_weights (one per step); re-fit with `python -m calibrate.fit`.")
+        if self.rule == "fixed_schedule" and self.schedule is None:
+            raise ConfigError("the fixed_schedule rule needs a schedule (the steps to compute); re-fit with `python -m calibrate.fit`.")
+
+    @classmethod
+    def of(cls, coefficients: Any, settings: DecisionSettings) -> "DecisionRule":
+        """The rule of a :class:`~runtime.coefficients.Coefficients` (or anything with its polynomial
+        fields) run with ``settings``."""
+        schedule = getattr(coefficients, "schedule", None)
+        weights = getattr(coefficients, "step_weights", None)
+        return cls(
+            coefficients=tuple(coefficients.coefficients),
+            x_range=coefficients.x_range,
+            rel_l1_thresh=settings.rel_l1_thresh,
+            warmup_steps=settings.warmup_steps,
+            final_steps=settings.final_steps,
+            max_consecutive_skips=settings.max_consecutive_skips,
+            rule=settings.rule,
+            step_weights=tuple(weights) if weights else None,
+            schedule=frozenset(schedule) if schedule is not None else None,
+        )
+
+    @property
+    def settings(self) -> DecisionSettings:
+        return DecisionSettings(
             rel_l1_thresh=self.rel_l1_thresh,
             warmup_steps=self.warmup_steps,
             final_steps=self.final_steps,
             max_consecutive_skips=self.max_consecutive_skips,
-            where="TeaCache",
+            rule=self.rule,
         )
+
+    def weight(self, step: int) -> float:
+        """The factor on this step's prediction (1 but for ``teacache_dsigma``)."""
+        if self.rule != "teacache_dsigma" or self.step_weights is None or step >= len(self.step_weights):
+            return 1.0
+        return self.step_weights[step]
+
+    def scheduled_skip(self, step: int) -> bool | None:
+        """For ``fixed_schedule``: whether the schedule skips this step; None for the other rules."""
+        if self.rule != "fixed_schedule":
+            return None
+        return step not in self.schedule
 
     # ---------------------------------------------------------------- host side: the schedule
     def scheduled_reason(self, step: int, num_steps: int | None) -> str | None:
@@ -78,16 +135,21 @@ class DecisionRule:
         return value.clamp_min(0.0)
 
     def accumulate(
-        self, x: torch.Tensor, acc: torch.Tensor, forced: bool | torch.Tensor
+        self, x: torch.Tensor, acc: torch.Tensor, forced: bool | torch.Tensor, step: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decision, elementwise: returns ``(p, acc_candidate, skip, acc_next)``.
+        """One decision at ``step``, elementwise: returns ``(p, acc_candidate, skip, acc_next)``.
 
-        ``acc_candidate = acc + p`` is what the threshold was compared to; ``acc_next`` is the
-        accumulator carried to the next call (the candidate when skipping, else 0).
+        ``acc_candidate = acc + weight(step) * p`` is what the threshold was compared to; ``acc_next``
+        is the accumulator carried to the next call (the candidate when skipping, else 0). Under
+        ``fixed_schedule`` the schedule decides and x is only recorded.
         """
-        p = self.predict(x)
+        p = self.predict(x) * self.weight(step)
         candidate = acc + p
-        skip = (candidate < self.rel_l1_thresh) & torch.isfinite(x) & torch.isfinite(candidate)
+        scheduled = self.scheduled_skip(step)
+        if scheduled is not None:
+            skip = torch.full_like(candidate, scheduled, dtype=torch.bool)
+        else:
+            skip = (candidate < self.rel_l1_thresh) & torch.isfinite(x) & torch.isfinite(candidate)
         if isinstance(forced, torch.Tensor):
             skip = skip & ~forced
         elif forced:
@@ -101,6 +163,7 @@ def replay(rule: DecisionRule, x: torch.Tensor) -> torch.Tensor:
 
     ``x`` is ``[trajectories, steps]`` (one CFG branch each; NaN where no previous step exists). The
     step count is known, as in a pipeline. Returns a bool tensor, True where the call is computed.
+    For ``teacache_joint`` pass the leading branch's trajectories: every branch of a run follows them.
     """
     if x.ndim != 2:
         raise ValueError(f"replay expects x of shape [trajectories, steps], got {tuple(x.shape)}")
@@ -113,7 +176,7 @@ def replay(rule: DecisionRule, x: torch.Tensor) -> torch.Tensor:
         forced = rule.cap_reached(consecutive)
         if rule.scheduled_reason(step, n_steps) is not None:
             forced = torch.ones_like(forced)
-        _, _, skip, acc = rule.accumulate(x[:, step], acc, forced)
+        _, _, skip, acc = rule.accumulate(x[:, step], acc, forced, step)
         computed[:, step] = ~skip
         consecutive = torch.where(skip, consecutive + 1, torch.zeros_like(consecutive))
     return computed

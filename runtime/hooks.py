@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,10 +36,11 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from . import controlnet, intercept
-from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
+from .coefficients import SIGNALS
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
-from .errors import TeaCacheError, UnsupportedModelError
+from .errors import ConfigError, TeaCacheError, UnsupportedModelError
+from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .stats import CacheStats, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -68,23 +70,31 @@ class BranchStates(StateManager):
     ``"default"``, ``"default:1"``, ..., so each branch is compared with its own previous call.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, state_cls: type[BaseState]) -> None:
+        super().__init__(state_cls)
+        self._make_state = state_cls
         self.split_calls = False
         self._calls_in_step = 0
         self._label = DEFAULT_BRANCH
-
-    @property
-    def branch(self) -> str:
-        return self._context.name if self._context is not None else self._label
+        self._outside: dict[str, BaseState] = {}  # states of calls made outside any cache context
+        self._inside: dict[str, BaseState] = {}  # the context states handed out (for :meth:`states`)
 
     @property
     def current_context(self) -> Any:
-        return self._context
+        """The pipeline's cache context of this call, or None (diffusers' public ``context`` raises then)."""
+        try:
+            return self.context
+        except ValueError:
+            return None
+
+    @property
+    def branch(self) -> str:
+        context = self.current_context
+        return context.name if context is not None else self._label
 
     def begin_call(self) -> None:
         """A transformer call starts: outside a context, which call of the step it is."""
-        if self._context is None and self.split_calls:
+        if self.current_context is None and self.split_calls:
             index, self._calls_in_step = self._calls_in_step, self._calls_in_step + 1
             self._label = DEFAULT_BRANCH if index == 0 else f"{DEFAULT_BRANCH}:{index}"
         else:
@@ -94,19 +104,27 @@ class BranchStates(StateManager):
         self._calls_in_step = 0
 
     def get_state(self) -> BaseState:
-        if self._context is None:
-            if self._label not in self._state_cache:
-                self._state_cache[self._label] = self._state_cls(*self._init_args, **self._init_kwargs)
-            return self._state_cache[self._label]
-        return super().get_state()
+        context = self.current_context
+        if context is None:
+            if self._label not in self._outside:
+                self._outside[self._label] = self._make_state()
+            return self._outside[self._label]
+        state = super().get_state()
+        self._inside[context.name] = state
+        return state
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         super().reset(*args, **kwargs)
+        for state in self._outside.values():
+            state.reset()
+        self._outside.clear()
+        self._inside.clear()
         self._calls_in_step = 0
         self._label = DEFAULT_BRANCH
 
     def states(self) -> dict[str, BaseState]:
-        return dict(self._state_cache)
+        """Every branch's state of the current generation."""
+        return {**self._inside, **self._outside}
 
 
 def mark_steps(scheduler: Any, managers: Callable[[], list[BranchStates]]) -> Callable[[], None]:
@@ -217,6 +235,7 @@ class TeaCacheRunner:
         self._state: TeaCacheState | None = None
         self._skipping = False
         self._stack_input: torch.Tensor | None = None
+        self._joint: dict[int, tuple[str, bool]] = {}  # teacache_joint: step -> (leading branch, its decision)
 
     # ------------------------------------------------------------------------- interceptors
     def receive_signal(self, signal: torch.Tensor) -> None:
@@ -320,13 +339,22 @@ class TeaCacheRunner:
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
-        p, candidate, skip, state.accumulator = self.rule.accumulate(x, state.accumulator, reason is not None)
+        p, candidate, skip, state.accumulator = self.rule.accumulate(x, state.accumulator, reason is not None, state.step)
+        leader = self._joint.get(state.step) if self.rule.rule == "teacache_joint" else None
+        if leader is not None and leader[0] != manager.branch:
+            # teacache_joint: this step's first branch decided for every branch of the step
+            skip = torch.full_like(skip, leader[1] and reason is None)
+            state.accumulator = torch.where(skip, candidate, torch.zeros_like(candidate))
         if group is not None:
             skip = agree_on_skip(skip, group)
             state.accumulator = torch.where(skip, candidate, torch.zeros_like(candidate))
         # The one device-to-host read of this call: the decision and its numbers for `stats`.
         x_value, p_value, acc_value, skip_value = torch.stack((x, p, candidate, skip.float())).tolist()
         skipping = skip_value > 0.5
+        if self.rule.rule == "teacache_joint" and leader is None:
+            if state.step == 0:
+                self._joint.clear()  # a new generation
+            self._joint[state.step] = (manager.branch, skipping)
         if reason is None:
             finite = math.isfinite(x_value) and math.isfinite(acc_value)
             reason = SKIPPED if skipping else (THRESHOLD if finite else NONFINITE)
@@ -344,19 +372,49 @@ class TeaCacheRunner:
         return None
 
 
-def apply_teacache(
-    transformer: nn.Module,
-    rule: DecisionRule,
-    signal: str,
-    stats: CacheStats,
-    num_steps: NumStepsProvider = lambda: None,
-    signal_change: SignalChange | None = None,
-) -> TeaCacheRunner:
-    """Hook TeaCache into ``transformer``; undo with :func:`remove_teacache`.
+@dataclass
+class TeaCacheConfig:
+    """What :func:`apply_teacache` wires, checked before anything is registered.
 
-    ``signal_change(signal, previous, state, branch)`` may replace the relative L1 change as x (the
-    sweep's oracle feeds the true output change); the decision rule and everything else stay the same.
+    - ``rule``: the polynomial, the decision settings and the rule variant (:class:`DecisionRule`);
+    - ``signal``: ``modulated_input`` or ``timestep_embedding``;
+    - ``stats``: where each call's decision is recorded (``TeaCache.stats`` reads it);
+    - ``num_inference_steps``: the step count (to force the final steps), or a function giving it per
+      generation (a pipeline's scheduler); None when unknown;
+    - ``signal_change``: ``(signal, previous, state, branch) -> x`` in place of the relative L1 change
+      (the sweep's oracle and forced schedules use it).
     """
+
+    rule: DecisionRule
+    signal: str = "modulated_input"
+    stats: CacheStats = field(default_factory=CacheStats)
+    num_inference_steps: int | NumStepsProvider | None = None
+    signal_change: SignalChange | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, DecisionRule):
+            raise ConfigError(f"TeaCacheConfig.rule must be a DecisionRule, got {type(self.rule).__name__}.")
+        if self.signal not in SIGNALS:
+            raise ConfigError(f"TeaCacheConfig.signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}.")
+        steps = self.num_inference_steps
+        if steps is not None and not callable(steps) and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ConfigError(f"TeaCacheConfig.num_inference_steps must be a positive integer, a function or None, got {steps!r}.")
+
+    def steps_provider(self) -> NumStepsProvider:
+        steps = self.num_inference_steps
+        return steps if callable(steps) else (lambda: steps)
+
+
+def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | DecisionRule, *args: Any) -> TeaCacheRunner:
+    """Hook TeaCache into ``transformer`` as ``config`` says; undo with :func:`remove_teacache`.
+
+    (``apply_teacache(transformer, rule, signal, stats, num_steps, signal_change)`` builds the config from
+    those, for callers that hold the parts.)
+    """
+    if not isinstance(config, TeaCacheConfig):
+        config = TeaCacheConfig(config, *args)
+    rule, signal, stats = config.rule, config.signal, config.stats
+    num_steps, signal_change = config.steps_provider(), config.signal_change
     adapter = adapter_for(transformer)
     if is_applied(transformer):
         raise TeaCacheError(

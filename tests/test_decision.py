@@ -20,8 +20,13 @@ def naive(rule: DecisionRule, xs: list[float]) -> list[bool]:
         for c in rule.coefficients:
             p = p * xc + c
         p = max(p, 0.0) if not math.isnan(p) else p
+        if rule.rule == "teacache_dsigma" and step < len(rule.step_weights):
+            p *= rule.step_weights[step]  # the prediction scaled by the step's share of the sigma travel
         candidate = acc + p
-        skip = not forced and math.isfinite(x) and math.isfinite(candidate) and candidate < rule.rel_l1_thresh
+        if rule.rule == "fixed_schedule":
+            skip = not forced and step not in rule.schedule  # x does not matter
+        else:
+            skip = not forced and math.isfinite(x) and math.isfinite(candidate) and candidate < rule.rel_l1_thresh
         acc = candidate if skip else 0.0
         run = run + 1 if skip else 0
         computed.append(not skip)
@@ -33,6 +38,12 @@ RULES = [
     DecisionRule(coefficients=(-450.0, 280.0, -45.0, 3.2, -0.02), x_range=None, rel_l1_thresh=0.4),
     DecisionRule(coefficients=(50.0, -5.0, 0.1), x_range=(0.02, 0.2), rel_l1_thresh=0.5, warmup_steps=3),
     DecisionRule(coefficients=(2.0, 0.0), x_range=(0.0, 1.0), rel_l1_thresh=1.0, final_steps=2, max_consecutive_skips=2),
+    # teacache_dsigma: large early sigma steps count more, small late ones less (weights for 16 of 20 steps)
+    DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.3, rule="teacache_dsigma",
+                 step_weights=tuple(2.0 - 0.1 * i for i in range(16))),
+    # fixed_schedule: compute steps 0, 4, 8, ... and the forced ones, whatever x says
+    DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.3, rule="fixed_schedule",
+                 schedule=frozenset(range(0, 20, 4)), max_consecutive_skips=5),
 ]
 
 
@@ -100,3 +111,26 @@ def test_warmup_and_final_steps():
 def test_rule_rejects_nonsense(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         DecisionRule(coefficients=(1.0,), x_range=None, **kwargs)
+
+
+def test_rule_variants_need_their_data_and_old_files_mean_the_upstream_rule(tmp_path):
+    import json
+
+    from runtime import load_coefficients
+
+    with pytest.raises(ConfigError, match="teacache_dsigma rule needs step_weights"):
+        DecisionRule(coefficients=(1.0,), x_range=None, rel_l1_thresh=0.1, rule="teacache_dsigma")
+    with pytest.raises(ConfigError, match="fixed_schedule rule needs a schedule"):
+        DecisionRule(coefficients=(1.0,), x_range=None, rel_l1_thresh=0.1, rule="fixed_schedule")
+    with pytest.raises(ConfigError, match="rule must be one of teacache, teacache_dsigma"):
+        DecisionRule(coefficients=(1.0,), x_range=None, rel_l1_thresh=0.1, rule="magic")
+    old = load_coefficients("qwen_image")  # written before rules existed: no "rule" anywhere
+    assert "rule" not in json.loads(open(old.origin).read())["defaults"]
+    assert old.defaults.rule == "teacache" and DecisionRule.of(old, old.defaults).rule == "teacache"
+    document = {**old.to_dict(), "defaults": {**old.defaults.to_dict(), "rule": "teacache_dsigma"}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(document))
+    from runtime import CoefficientsError
+
+    with pytest.raises(CoefficientsError, match="step_weights.*is missing for rule teacache_dsigma"):
+        load_coefficients(path)

@@ -435,3 +435,60 @@ def test_one_host_read_per_transformer_call(pipes, monkeypatch):
         cached = reads_per_call(6)
     assert [r.computed for r in cache.stats["cond"].trace] == [True, False, False, False, False, True]
     assert cached == [baseline[0] + 1] * 6, (baseline, cached)
+
+
+def test_rule_variants_run_in_the_pipeline_as_replay_says(pipes):
+    """Each variant in a real pipeline (tiny QwenImage, true CFG): the runtime's decisions equal the
+    offline replay on the x the runtime measured; teacache_joint gives both branches the cond decision."""
+    import dataclasses
+
+    from runtime import DecisionRule, replay
+
+    pipe = pipes["qwen_image"]
+    base = coefficients("qwen_image", thresh=0.12)
+    steps = TINY_RECIPES["qwen_image"]["num_inference_steps"]
+    variants = {
+        "teacache_dsigma": dict(step_weights=tuple(1.6 - 0.15 * i for i in range(steps))),
+        "fixed_schedule": dict(schedule=(0, 3, 5)),
+    }
+    for rule, data in variants.items():
+        c = dataclasses.replace(base, defaults=base.defaults.with_overrides(rule=rule), **data)
+        with TeaCache.from_coefficients(c).apply(pipe) as cache:
+            generate(pipe, "qwen_image")
+            stats = cache.stats
+        computed = {b: [r.computed for r in s.trace] for b, s in stats.items()}
+        x = {b: torch.tensor([[r.x for r in s.trace]]) for b, s in stats.items()}
+        expected_rule = DecisionRule.of(c, c.defaults)
+        for branch in ("cond", "uncond"):
+            assert computed[branch] == replay(expected_rule, x[branch])[0].tolist(), (rule, branch)
+        if rule == "fixed_schedule":
+            assert [i for i, done in enumerate(computed["cond"]) if done] == [0, 3, 5, steps - 1]
+
+
+def test_joint_rule_makes_every_branch_follow_the_first(pipes):
+    """cond calls see an unchanged input (x = 0: they skip), uncond calls a new random one each step (x
+    large: on their own they compute); under teacache_joint the uncond calls follow the cond decision."""
+    import dataclasses
+
+    pipe = pipes["flux"]
+    transformer = pipe.transformer
+    kwargs = _transformer_kwargs(pipe, "flux")
+
+    def run(rule):
+        c = coefficients("flux", thresh=0.5)
+        c = dataclasses.replace(c, defaults=c.defaults.with_overrides(rule=rule))
+        with TeaCache.from_coefficients(c).apply(transformer, num_inference_steps=6) as cache:
+            with torch.no_grad():
+                for step in range(6):
+                    with transformer.cache_context("cond"):
+                        transformer(**kwargs)
+                    with transformer.cache_context("uncond"):
+                        noise = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(step))
+                        transformer(**{**kwargs, "hidden_states": kwargs["hidden_states"] + noise})
+        return {b: [r.computed for r in s.trace] for b, s in cache.stats.items()}
+
+    own = run("teacache")
+    assert own["cond"] == [True, False, False, False, False, True]
+    assert own["uncond"] == [True] * 6
+    joint = run("teacache_joint")
+    assert joint["cond"] == joint["uncond"] == own["cond"]

@@ -1,0 +1,87 @@
+"""The decision settings, in one place: the coefficients file's ``defaults``, the runtime's rule, the fit's
+replay and the sweep all hold this one validated object.
+
+- ``rel_l1_thresh``: skip while the accumulated prediction stays below it (0 never skips);
+- ``warmup_steps``: leading steps always computed (step 0 is computed in any case);
+- ``final_steps``: trailing steps always computed (needs the step count);
+- ``max_consecutive_skips``: a cap on skips in a row, ``None`` for no cap;
+- ``rule``: which decision rule runs (``runtime.rules``); files without it mean ``teacache``, the
+  upstream accumulate-and-threshold rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+#: The rules the runtime runs (runtime.rules registers their behaviour under these names).
+RULES = ("teacache", "teacache_dsigma", "teacache_joint", "fixed_schedule")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """The validated decision settings; ``__post_init__`` names the first field outside its range."""
+
+    rel_l1_thresh: float
+    warmup_steps: int = 1
+    final_steps: int = 1
+    max_consecutive_skips: int | None = None
+    rule: str = "teacache"
+
+    def __post_init__(self) -> None:
+        validate_decision_settings(**dataclasses.asdict(self), where="decision settings")
+
+    def with_overrides(self, **overrides: Any) -> "DecisionSettings":
+        """These settings with some replaced; an unknown name is refused. ``None`` keeps the value, except for
+        ``max_consecutive_skips``, where it means no cap."""
+        unknown = sorted(set(overrides) - set(FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"unknown TeaCache setting {unknown[0]!r}; the settings are {', '.join(FIELDS)} (and speedup= "
+                "at from_coefficients)."
+            )
+        given = {k: v for k, v in overrides.items() if v is not None or k == "max_consecutive_skips"}
+        return dataclasses.replace(self, **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's ``defaults`` object (``rule`` left out when it is the upstream rule, as old files)."""
+        out = dataclasses.asdict(self)
+        if out["rule"] == "teacache":
+            del out["rule"]
+        return out
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(DecisionSettings))
+
+
+def validate_decision_settings(
+    *, rel_l1_thresh: Any, warmup_steps: Any = 1, final_steps: Any = 1, max_consecutive_skips: Any = None,
+    rule: Any = "teacache", where: str,
+) -> None:
+    """Raise :class:`ConfigError` naming the first decision setting outside its valid range."""
+    if not _is_number(rel_l1_thresh) or not math.isfinite(rel_l1_thresh) or rel_l1_thresh < 0:
+        raise ConfigError(
+            f"{where}: rel_l1_thresh must be a finite number >= 0, got {rel_l1_thresh!r} "
+            "(0 never skips; larger values skip more steps)."
+        )
+    for name, value in (("warmup_steps", warmup_steps), ("final_steps", final_steps)):
+        if not _is_int(value) or value < 0:
+            raise ConfigError(f"{where}: {name} must be an integer >= 0, got {value!r}.")
+    if max_consecutive_skips is not None and (not _is_int(max_consecutive_skips) or max_consecutive_skips < 1):
+        raise ConfigError(
+            f"{where}: max_consecutive_skips must be an integer >= 1 or None (no cap), got {max_consecutive_skips!r}."
+        )
+    if rule not in RULES:
+        raise ConfigError(f"{where}: rule must be one of {', '.join(RULES)}, got {rule!r}.")
