@@ -93,29 +93,42 @@ _ZERO = _Zero()
 
 @dataclass
 class Points:
-    """Finite (x, y) points of one signal, with the prompt and branch of each."""
+    """Finite (x, y) points of one signal, with the split and the step kind of each.
+
+    ``train``: prompt and seed both in the training split; ``heldout``: prompt and seed both held out
+    (neither seen in training; with one seed only, the prompt decides); points of a seen prompt with a
+    held-out seed (or the reverse) are in neither. ``decision``: a step where the rule decides (not step
+    0, not a warm-up step, not a forced final step): what the fit is made on and the headline R² scores.
+    """
 
     x: np.ndarray
     y: np.ndarray
+    train: np.ndarray
     heldout: np.ndarray
+    decision: np.ndarray
     branch: np.ndarray
     dropped: int
     dropped_first_steps: int
 
     @classmethod
-    def gather(cls, traces: TraceSet, field: str, heldout: set[str]) -> "Points":
+    def gather(cls, traces: TraceSet, field: str, split: "Split", settings: "FitSettings") -> "Points":
         trajectories = traces.trajectories
         lengths = np.array([len(t.data["y"]) for t in trajectories])
         x = np.concatenate([t.data[field] for t in trajectories]).astype(np.float64)
         y = np.concatenate([t.data["y"] for t in trajectories]).astype(np.float64)
         steps = np.concatenate([t.data["step"] for t in trajectories])
-        held = np.repeat([t.prompt in heldout for t in trajectories], lengths)
+        ends = np.repeat(lengths, lengths)
+        train = np.repeat([split.trains(t) for t in trajectories], lengths)
+        held = np.repeat([split.holds(t) for t in trajectories], lengths)
         branch = np.repeat([t.branch for t in trajectories], lengths)
+        decision = (steps >= max(1, settings.decision.warmup_steps)) & (steps < ends - settings.decision.final_steps)
         finite = np.isfinite(x) & np.isfinite(y)
         return cls(
             x=x[finite],
             y=y[finite],
+            train=train[finite],
             heldout=held[finite],
+            decision=decision[finite],
             branch=branch[finite],
             dropped=int((~finite).sum()),
             dropped_first_steps=int((~finite & (steps == 0)).sum()),
@@ -125,21 +138,46 @@ class Points:
         return self.x[mask], self.y[mask]
 
 
+@dataclass(frozen=True)
+class Split:
+    """Which prompts and seeds are held out of the fit (deterministic: by hash of the prompt, and the
+    highest seeds); with one seed, prompts alone."""
+
+    prompts: frozenset[str]
+    seeds: frozenset[int]
+
+    @classmethod
+    def of(cls, traces: TraceSet, fraction: float) -> "Split":
+        prompts = heldout_prompts([t.prompt for t in traces.trajectories], fraction)
+        seeds = sorted({t.seed for t in traces.trajectories})
+        count = min(len(seeds) - 1, max(1, round(fraction * len(seeds)))) if len(seeds) > 1 else 0
+        return cls(frozenset(prompts), frozenset(seeds[len(seeds) - count :]) if count else frozenset())
+
+    def trains(self, t: Any) -> bool:
+        return t.prompt not in self.prompts and t.seed not in self.seeds
+
+    def holds(self, t: Any) -> bool:
+        return t.prompt in self.prompts and (not self.seeds or t.seed in self.seeds)
+
+
 def _scores(fit: PolyFit, points: Points, mask: np.ndarray | None = None) -> dict[str, float]:
+    """R² on the decision steps (the headline: where p decides), and over all steps beside it."""
     base = np.ones_like(points.heldout) if mask is None else mask
-    train, held = base & ~points.heldout, base & points.heldout
-    return {
-        "r2": r_squared(points.y[train], fit.predict(points.x[train])),
-        "r2_heldout": r_squared(points.y[held], fit.predict(points.x[held])),
-    }
+    scores = {}
+    for suffix, steps in (("", points.decision), ("_all_steps", np.ones_like(points.decision))):
+        train, held = base & steps & points.train, base & steps & points.heldout
+        scores[f"r2{suffix}"] = r_squared(points.y[train], fit.predict(points.x[train]))
+        scores[f"r2_heldout{suffix}"] = r_squared(points.y[held], fit.predict(points.x[held]))
+    return scores
 
 
 def _fit_signal(points: Points, settings: FitSettings) -> dict[str, Any]:
-    train = ~points.heldout
-    if train.sum() <= settings.degree or points.heldout.sum() == 0:
+    train = points.train & points.decision
+    if train.sum() <= settings.degree or (points.heldout & points.decision).sum() == 0:
         raise FitError(
-            f"{int(train.sum())} training and {int(points.heldout.sum())} held-out finite points are too few for a "
-            f"degree-{settings.degree} fit; record more prompts (raise limit=) or check the traces for NaN."
+            f"{int(train.sum())} training and {int((points.heldout & points.decision).sum())} held-out finite points "
+            f"on the decision steps are too few for a degree-{settings.degree} fit; record more prompts (raise limit=) "
+            "or seeds, or check the traces for NaN."
         )
     chosen = fit_polynomial(*points.select(train), degree=settings.degree, method=settings.method)
     plain = fit_polynomial(*points.select(train), degree=settings.degree, method="plain")
@@ -190,10 +228,10 @@ def default_threshold(rows: list[ThresholdRow], speedup: float) -> float:
 def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, dict[str, Any]]:
     """The whole fit, as a pure function of the traces; returns the coefficients and what the plot needs."""
     traces.trajectories.sort(key=lambda t: t.name)  # shards in any order give the same fit
-    heldout = heldout_prompts([t.prompt for t in traces.trajectories], settings.heldout_fraction)
+    split = Split.of(traces, settings.heldout_fraction)
     results, failures = {}, {}
     for signal, field in SIGNAL_FIELDS.items():
-        points = Points.gather(traces, field, heldout)
+        points = Points.gather(traces, field, split, settings)
         if points.x.size == 0:
             continue
         try:
@@ -229,7 +267,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
     if len(names) > 1:
         for name in names:
             mask = points.branch == name
-            own_train = mask & ~points.heldout
+            own_train = mask & points.train & points.decision
             own = fit_polynomial(points.x[own_train], points.y[own_train], settings.degree, settings.method)
             branches[name] = {
                 "coefficients": list(own.coefficients),
@@ -244,14 +282,18 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
     report = {
         "degree": settings.degree,
         "method": settings.method,
-        "points": int((~points.heldout).sum()),
-        "points_heldout": int(points.heldout.sum()),
+        "points": int((points.train & points.decision).sum()),
+        "points_heldout": int((points.heldout & points.decision).sum()),
+        "fitted_on": "decision steps (not step 0, warm-up or forced final steps) of training prompts x seeds",
         "prompts": len({t.prompt for t in traces.trajectories}),
-        "prompts_heldout": len(heldout),
-        "heldout_prompts": sorted(heldout),
+        "prompts_heldout": len(split.prompts),
+        "heldout_prompts": sorted(split.prompts),
+        "heldout_seeds": sorted(split.seeds),
         "dropped_nonfinite": points.dropped,
         "r2": scores["r2"],
         "r2_heldout": scores["r2_heldout"],
+        "r2_all_steps": scores["r2_all_steps"],
+        "r2_heldout_all_steps": scores["r2_heldout_all_steps"],
         "min_slope": chosen.min_slope(),
         "plain": {"coefficients": list(results[signal]["plain"].coefficients), **_scores(results[signal]["plain"], points)},
         "signals": {s: _scores(r["robust"], r["points"]) for s, r in results.items()},
@@ -404,8 +446,9 @@ def _summary(out: Path, c: Coefficients) -> None:
     fit = c.fit or {}
     lines = [
         f"wrote {out} ({c.model}, {c.transformer_class}, signal {c.signal})",
-        f"  R^2 train {fit.get('r2')}, held-out {fit.get('r2_heldout')} "
-        f"(plain least squares: {fit['plain']['r2']}, held-out {fit['plain']['r2_heldout']})",
+        f"  decision-step R^2 train {fit.get('r2')}, held-out {fit.get('r2_heldout')} "
+        f"(plain least squares: {fit['plain']['r2']}, held-out {fit['plain']['r2_heldout']}); "
+        f"all steps: {fit.get('r2_all_steps')}, held-out {fit.get('r2_heldout_all_steps')}",
         f"  points {fit.get('points')} + {fit.get('points_heldout')} held out; dropped {fit.get('dropped_nonfinite')} non-finite",
         f"  default rel_l1_thresh {c.defaults.rel_l1_thresh}",
     ]

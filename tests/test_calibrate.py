@@ -96,26 +96,37 @@ def test_recorded_x_is_what_the_runtime_sees(tmp_path):
 
 
 def test_reported_r2_recomputes_from_file_and_traces(qwen_calibration):
+    """Headline R² on the decision steps (not step 0, warm-up or final steps), training = prompts and seeds
+    both unseen by the held-out split, held out = both held out; all-step R² beside it."""
     traces_path, path = qwen_calibration
     c = load_coefficients(path)
     data = load_traces(traces_path)
     field = {"modulated_input": "x", "timestep_embedding": "x_temb"}[c.signal]
     heldout = set(c.fit["heldout_prompts"])
     assert heldout == heldout_prompts([t.prompt for t in data.trajectories], 0.25)
+    assert c.fit["heldout_seeds"] == [1]  # seeds [0, 1]: the highest is held out
+    warmup, final = c.defaults.warmup_steps, c.defaults.final_steps
 
-    def r2(held):
+    def r2(held, decision_only):
         xs, ys = [], []
         for t in data.trajectories:
-            if (t.prompt in heldout) == held:
-                ok = np.isfinite(t.data[field]) & np.isfinite(t.data["y"])
-                xs.append(t.data[field][ok])
-                ys.append(t.data["y"][ok])
+            if held != (t.prompt in heldout and t.seed == 1) or (not held and (t.prompt in heldout or t.seed == 1)):
+                continue
+            n = len(t.data["y"])
+            steps = np.arange(n)
+            ok = np.isfinite(t.data[field]) & np.isfinite(t.data["y"])
+            if decision_only:
+                ok &= (steps >= max(1, warmup)) & (steps < n - final)
+            xs.append(t.data[field][ok])
+            ys.append(t.data["y"][ok])
         x, y = np.concatenate(xs).astype(float), np.concatenate(ys).astype(float)
         pred = np.maximum(np.polyval(c.coefficients, np.clip(x, *c.x_range)), 0)  # the runtime's evaluation
         return 1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2)
 
-    assert c.fit["r2"] == pytest.approx(r2(False), rel=1e-5)
-    assert c.fit["r2_heldout"] == pytest.approx(r2(True), rel=1e-5)
+    assert c.fit["r2"] == pytest.approx(r2(False, True), rel=1e-5)
+    assert c.fit["r2_heldout"] == pytest.approx(r2(True, True), rel=1e-5)
+    assert c.fit["r2_all_steps"] == pytest.approx(r2(False, False), rel=1e-5)
+    assert c.fit["r2_heldout_all_steps"] == pytest.approx(r2(True, False), rel=1e-5)
     assert c.fit["signals"][c.signal]["r2_heldout"] == pytest.approx(c.fit["r2_heldout"], rel=1e-5)
     assert c.fit["min_slope"] >= -1e-6 * max(abs(v) for v in c.coefficients)
 
@@ -212,9 +223,9 @@ def test_fit_method_plain_reproduces_polyfit(qwen_calibration):
     heldout = set(coefficients.fit["heldout_prompts"])
     xs, ys = [], []
     for t in sorted(data.trajectories, key=lambda t: t.name):
-        if t.prompt not in heldout:
-            xs.append(t.data["x"][1:])
-            ys.append(t.data["y"][1:])
+        if t.prompt not in heldout and t.seed not in coefficients.fit["heldout_seeds"]:
+            xs.append(t.data["x"][1:-1])  # the decision steps: not step 0, not the forced final step
+            ys.append(t.data["y"][1:-1])
     expected = np.polyfit(np.concatenate(xs).astype(float), np.concatenate(ys).astype(float), 4)
     np.testing.assert_allclose(coefficients.coefficients, expected, rtol=1e-9)
 
