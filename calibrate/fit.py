@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -74,21 +75,20 @@ class FitSettings:
     def warmup_steps(self) -> int:
         return self.decision.warmup_steps
 
-    def rule(self, rel_l1_thresh: float, fit: PolyFit | None = None) -> DecisionRule:
-        """The runtime's rule with this polynomial at ``rel_l1_thresh`` (the upstream rule: the table
-        and the default threshold are those of accumulate-and-threshold)."""
+    def rule(
+        self, rel_l1_thresh: float, fit: PolyFit | None = None, rule: str = "teacache",
+        weights: tuple[float, ...] | None = None,
+    ) -> DecisionRule:
+        """The runtime's rule with this polynomial at ``rel_l1_thresh`` (the upstream rule unless ``rule``
+        names a variant; ``weights`` are teacache_dsigma's step weights)."""
         from runtime.decision import DecisionRule  # torch
 
-        polynomial = fit if fit is not None else _ZERO
-        return DecisionRule.of(polynomial, self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule="teacache"))
-
-
-class _Zero:
-    coefficients = (0.0,)
-    x_range = None
-
-
-_ZERO = _Zero()
+        polynomial = SimpleNamespace(
+            coefficients=fit.coefficients if fit is not None else (0.0,),
+            x_range=fit.x_range if fit is not None else None,
+            step_weights=weights,
+        )
+        return DecisionRule.of(polynomial, self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule=rule))
 
 
 @dataclass
@@ -185,22 +185,35 @@ def _fit_signal(points: Points, settings: FitSettings) -> dict[str, Any]:
     return {"fit": chosen, "plain": plain, "robust": robust, "points": points}
 
 
-def threshold_table(traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings) -> list[ThresholdRow]:
+def threshold_table(
+    traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings, rule: str = "teacache",
+    weights: tuple[float, ...] | None = None,
+) -> list[ThresholdRow]:
     """Replay the runtime's rule on every trajectory over a grid of thresholds: per threshold, the
-    mean and the spread over prompts of the computed fraction."""
+    mean and the spread over prompts of the computed fraction. ``rule`` names the variant
+    (``teacache_joint`` replays the leading branch, which every branch follows; ``teacache_dsigma``
+    weights each step's prediction by ``weights``)."""
     import torch
 
     from runtime.decision import replay
 
+    trajectories = traces.trajectories
+    if rule == "teacache_joint":
+        leader = "cond" if any(t.branch == "cond" for t in trajectories) else min(t.branch for t in trajectories)
+        trajectories = [t for t in trajectories if t.branch == leader]
     by_length: dict[int, list] = {}
-    for t in traces.trajectories:
+    for t in trajectories:
         by_length.setdefault(len(t.data[field]), []).append(t)
-    prompt_ids = {p: i for i, p in enumerate(sorted({t.prompt for t in traces.trajectories}))}
+    prompt_ids = {p: i for i, p in enumerate(sorted({t.prompt for t in trajectories}))}
     groups, p_steps, p_totals = [], [], []
     for group in by_length.values():
         x = np.stack([t.data[field] for t in group]).astype(np.float32)
         groups.append((torch.from_numpy(x), np.array([prompt_ids[t.prompt] for t in group])))
         p = fit.predict(np.where(np.isfinite(x), x, fit.x_range[0]))
+        if weights is not None:
+            w = np.ones(p.shape[1])
+            w[: min(len(weights), len(w))] = weights[: len(w)]
+            p = p * w
         p[:, : max(1, settings.warmup_steps)] = 0.0
         p_steps.append(p[:, 1:].ravel())
         p_totals.append(p.sum(axis=1))
@@ -208,15 +221,47 @@ def threshold_table(traces: TraceSet, field: str, fit: PolyFit, settings: FitSet
 
     rows = []
     for thresh in grid:
-        rule = settings.rule(thresh, fit)
+        replayed = settings.rule(thresh, fit, rule=rule, weights=weights)
         sums, counts = np.zeros(len(prompt_ids)), np.zeros(len(prompt_ids))
         for x, ids in groups:
-            fractions = replay(rule, x).double().mean(dim=1).numpy()
+            fractions = replay(replayed, x).double().mean(dim=1).numpy()
             sums += np.bincount(ids, weights=fractions, minlength=len(prompt_ids))
             counts += np.bincount(ids, minlength=len(prompt_ids))
         means = sums / counts  # per prompt: over its seeds and branches
         rows.append(ThresholdRow(thresh, round(float(means.mean()), 4), round(float(means.std()), 4)))
     return rows
+
+
+def step_weights(traces: TraceSet) -> tuple[float, ...] | None:
+    """Per step, the sampler's step there over its mean step, from the recorded timesteps (their median
+    over trajectories; a scale-free ratio, so sigma, 1000 sigma or 1 - sigma give the same weights). The
+    last step, whose end the traces do not show, gets 1 (it is always computed)."""
+    lengths = [len(t.data["timestep"]) for t in traces.trajectories if t.expert == "transformer"] or [0]
+    n = max(set(lengths), key=lengths.count)
+    rows = [t.data["timestep"] for t in traces.trajectories if len(t.data["timestep"]) == n]
+    if n < 3 or not rows:
+        return None
+    tau = np.median(np.stack(rows).astype(np.float64), axis=0)
+    steps = np.abs(np.diff(tau))
+    if not np.all(np.isfinite(steps)) or steps.mean() <= 0:
+        return None
+    return tuple(round(float(w), 4) for w in (*(steps / steps.mean()), 1.0))
+
+
+def fixed_schedule(traces: TraceSet, field: str, fit: PolyFit, settings: FitSettings, thresh: float) -> tuple[int, ...]:
+    """The content-independent control: the steps the rule computes most often at ``thresh`` over all
+    trajectories, as many as it computes on average (the forced steps always among them)."""
+    import torch
+
+    from runtime.decision import replay
+
+    n = max({len(t.data[field]) for t in traces.trajectories}, key=[len(t.data[field]) for t in traces.trajectories].count)
+    x = np.stack([t.data[field] for t in traces.trajectories if len(t.data[field]) == n]).astype(np.float32)
+    computed = replay(settings.rule(thresh, fit), torch.from_numpy(x)).double().numpy()
+    frequency = computed.mean(axis=0)
+    count = int(round(computed.sum(axis=1).mean()))
+    order = sorted(range(n), key=lambda step: (-frequency[step], step))
+    return tuple(sorted(order[:count]))
 
 
 def default_threshold(rows: list[ThresholdRow], speedup: float) -> float:
@@ -278,6 +323,18 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
 
     rows = threshold_table(traces, field, chosen, settings)
     default = default_threshold(rows, settings.default_speedup)
+    # The rule variants, calibrated from the same traces (TeaCache.from_coefficients(..., rule=<name>)).
+    weights = step_weights(traces)
+    variants = {}
+    for name in ("teacache_dsigma", "teacache_joint"):
+        if name == "teacache_dsigma" and weights is None:
+            continue
+        own_rows = threshold_table(traces, field, chosen, settings, rule=name, weights=weights)
+        variants[name] = {
+            "rel_l1_thresh": default_threshold(own_rows, settings.default_speedup),
+            "thresholds": [dataclasses.asdict(row) for row in own_rows],
+        }
+    schedule = fixed_schedule(traces, field, chosen, settings, default)
     scores = _scores(chosen, points)
     report = {
         "degree": settings.degree,
@@ -310,6 +367,9 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         defaults=settings.decision.with_overrides(rel_l1_thresh=default),
         thresholds=tuple(rows),
         fit=_rounded(report),
+        rules=variants,
+        step_weights=weights,
+        schedule=schedule,
         provenance={
             "kind": "calibrated",
             "traces": [{"path": str(p), "sha256": file_digest(p)} for p in traces.files],

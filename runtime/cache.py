@@ -60,9 +60,12 @@ class TeaCache:
 
         ``rel_l1_thresh`` overrides the file's default threshold; ``speedup`` instead picks the smallest
         threshold whose computed fraction in the file's threshold table is at most ``1 / speedup``.
-        ``overrides`` may set ``warmup_steps``, ``final_steps`` and ``max_consecutive_skips``.
+        ``overrides`` may set ``warmup_steps``, ``final_steps``, ``max_consecutive_skips`` and ``rule``
+        (a variant the fit calibrated: its own default threshold and table are used).
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
+        if overrides.get("rule") is not None:
+            coefficients = coefficients.for_rule(overrides.pop("rule"))
         if speedup is not None:
             if rel_l1_thresh is not None:
                 raise ConfigError("pass either rel_l1_thresh= or speedup=, not both.")

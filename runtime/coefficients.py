@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import CoefficientsError, ConfigError
-from .settings import DecisionSettings, validate_decision_settings
+from .settings import RULES, DecisionSettings, validate_decision_settings
 
 SCHEMA = "teacache-coefficients/1"
 SIGNALS = ("modulated_input", "timestep_embedding")
@@ -82,6 +82,7 @@ class Coefficients:
     thresholds: tuple[ThresholdRow, ...] = ()
     fit: Mapping[str, Any] | None = None
     experts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    rules: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other rules' threshold and table
     step_weights: tuple[float, ...] | None = None  # teacache_dsigma: per step, the sigma step over its mean
     schedule: tuple[int, ...] | None = None  # fixed_schedule: the steps to compute
     origin: str = "<memory>"
@@ -108,6 +109,8 @@ class Coefficients:
             out["fit"] = dict(self.fit)
         if self.experts:
             out["experts"] = {name: dict(expert) for name, expert in self.experts.items()}
+        if self.rules:
+            out["rules"] = {name: dict(entry) for name, entry in self.rules.items()}
         if self.step_weights is not None:
             out["step_weights"] = list(self.step_weights)
         if self.schedule is not None:
@@ -120,6 +123,19 @@ class Coefficients:
         """``("transformer",)``, plus the pipeline's other experts this file has polynomials for (Wan2.2:
         ``transformer_2``, the low-noise expert)."""
         return ("transformer", *self.experts)
+
+    def for_rule(self, rule: str) -> "Coefficients":
+        """The file as seen with ``rule``: its default threshold and threshold table where the fit
+        calibrated that rule (``rules``), else the file's own; the variant's data stay."""
+        entry = self.rules.get(rule)
+        defaults = self.defaults.with_overrides(rule=rule)
+        if entry is None:
+            return dataclasses.replace(self, defaults=defaults)
+        return dataclasses.replace(
+            self,
+            defaults=defaults.with_overrides(rel_l1_thresh=entry["rel_l1_thresh"]),
+            thresholds=tuple(ThresholdRow(**row) for row in entry.get("thresholds") or ()),
+        )
 
     def for_expert(self, name: str) -> "Coefficients":
         """The file as seen by one expert: its own polynomial, x range, table and default threshold."""
@@ -241,6 +257,7 @@ def coefficients_from_dict(data: Any, origin: str = "<memory>") -> Coefficients:
         thresholds=thresholds,
         fit=data.get("fit"),
         experts=dict(data.get("experts") or {}),
+        rules=dict(data.get("rules") or {}),
         step_weights=tuple(float(w) for w in data["step_weights"]) if data.get("step_weights") is not None else None,
         schedule=tuple(int(s) for s in data["schedule"]) if data.get("schedule") is not None else None,
         provenance=dict(data["provenance"]),
@@ -364,6 +381,7 @@ _TOP_LEVEL = {
     "thresholds",
     "fit",
     "experts",
+    "rules",
     "step_weights",
     "schedule",
     "provenance",
@@ -492,6 +510,22 @@ def _validate(data: Any, origin: str) -> None:
         raise _fail(origin, "step_weights", "is missing for rule teacache_dsigma", refit)
     if rule == "fixed_schedule" and schedule is None:
         raise _fail(origin, "schedule", "is missing for rule fixed_schedule", refit)
+
+    rules = data.get("rules")
+    if rules is not None:
+        if not isinstance(rules, dict):
+            raise _fail(origin, "rules", "must be an object {rule: {rel_l1_thresh, thresholds}}", refit)
+        for name, entry in rules.items():
+            where = f"rules.{name}"
+            if name not in RULES or name in ("teacache", "fixed_schedule"):
+                raise _fail(origin, where, f"is not a thresholded rule variant ({', '.join(r for r in RULES if r not in ('teacache', 'fixed_schedule'))})", refit)
+            if not isinstance(entry, dict) or "rel_l1_thresh" not in entry or set(entry) - {"rel_l1_thresh", "thresholds"}:
+                raise _fail(origin, where, "must be an object with rel_l1_thresh and optional thresholds", refit)
+            try:
+                validate_decision_settings(rel_l1_thresh=entry["rel_l1_thresh"], where=f"{origin}: {where}")
+            except ConfigError as exc:
+                raise CoefficientsError(str(exc)) from None
+            _validate_thresholds(entry.get("thresholds"), origin, f"{where}.thresholds")
 
     experts = data.get("experts")
     if experts is not None:

@@ -150,6 +150,38 @@ def test_threshold_table_matches_the_runtime(qwen_calibration):
         assert actual == pytest.approx(row.computed_fraction, abs=0.05), row
 
 
+def test_rule_variants_are_calibrated_from_the_same_traces(qwen_calibration):
+    """The fit writes each variant's data (dsigma step weights from the recorded timesteps; a content-
+    independent schedule) and its own threshold table, and the runtime runs them as the table says."""
+    traces_path, path = qwen_calibration
+    c = load_coefficients(path)
+    data = load_traces(traces_path)
+    steps = c.recipe["num_inference_steps"]
+    tau = np.median(np.stack([t.data["timestep"] for t in data.trajectories]), axis=0)
+    d = np.abs(np.diff(tau))
+    np.testing.assert_allclose(c.step_weights[:-1], d / d.mean(), atol=1e-4)
+    assert set(c.rules) == {"teacache_dsigma", "teacache_joint"}
+    cfg = compose_cfg("record", ["model=tiny_qwen_image"])
+    loaded = load_model(cfg.model, "cpu", torch.float32)
+    recipe = Recipe.from_config(cfg)
+    runs = sorted({(t.prompt, t.seed) for t in data.trajectories})
+    for rule in ("teacache_dsigma", "teacache_joint"):
+        entry = c.rules[rule]
+        row = next(r for r in entry["thresholds"] if r["rel_l1_thresh"] == entry["rel_l1_thresh"])
+        with TeaCache.from_coefficients(path, rule=rule).apply(loaded.pipe) as cache:
+            assert cache.rule.rule == rule and cache.rel_l1_thresh == entry["rel_l1_thresh"]
+            for prompt, seed in runs:
+                loaded.generate(prompt, seed, recipe)
+        stats = cache.stats.values()
+        assert sum(s.computed for s in stats) / sum(s.calls for s in stats) == pytest.approx(row["computed_fraction"], abs=0.05)
+    # fixed_schedule: as many steps as the default threshold computes on average, whatever the content
+    default_row = next(r for r in c.thresholds if r.rel_l1_thresh == c.defaults.rel_l1_thresh)
+    assert len(c.schedule) == round(default_row.computed_fraction * steps)
+    with TeaCache.from_coefficients(path, rule="fixed_schedule").apply(loaded.pipe) as cache:
+        loaded.generate(*runs[0], recipe)
+    assert [r.step for r in cache.stats["cond"].trace if r.computed] == sorted(set(c.schedule) | {0, steps - 1})
+
+
 def test_speedup_picks_from_the_fitted_table(qwen_calibration):
     _, path = qwen_calibration
     c = load_coefficients(path)
