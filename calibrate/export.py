@@ -242,6 +242,11 @@ def port_warnings(c: "Coefficients", fmt: str, rel_l1_thresh: float) -> list[str
         )
     if c.defaults.max_consecutive_skips is not None:
         out.append(f"{port} has no cap on consecutive skips; max_consecutive_skips={c.defaults.max_consecutive_skips} is lost.")
+    if c.defaults.rule != "teacache":
+        out.append(
+            f"this file's rule is {c.defaults.rule}, which {port} does not run: the port runs the upstream "
+            "accumulate-and-threshold rule with these numbers (export the file with rule teacache to match it)."
+        )
     if c.signal == "timestep_embedding":
         out.append(
             f"x is the rel-L1 change of the timestep embedding; use these numbers only where {port} measures that "

@@ -147,6 +147,8 @@ def test_warnings_name_what_each_port_cannot_express():
     vllm = " ".join(export_coefficients(capped, "vllm_omni").warnings)
     assert "warmup_steps=3" in vllm and "max_consecutive_skips=2" in vllm
     assert export_coefficients(reference, "diffusers").warnings == []
+    joint = dataclasses.replace(reference, defaults=reference.defaults.with_overrides(rule="teacache_joint"))
+    assert any("rule is teacache_joint, which" in w for w in export_coefficients(joint, "sglang").warnings)
     text = export_coefficients(reference, "teacache").text
     assert f"x_range: [{reference.x_range[0]!r}" in text and "traces/reference.h5" in text and "recipe: num_inference_steps 25" in text
 
