@@ -110,14 +110,7 @@ def replay_table(c: "Coefficients", traces: "TraceSet", field: str, thresholds: 
     ]
     rows = []
     for thresh in thresholds:
-        rule = DecisionRule(
-            coefficients=tuple(c.coefficients),
-            x_range=c.x_range,
-            rel_l1_thresh=thresh,
-            warmup_steps=c.defaults.warmup_steps,
-            final_steps=c.defaults.final_steps,
-            max_consecutive_skips=c.defaults.max_consecutive_skips,
-        )
+        rule = DecisionRule.of(c, c.defaults.with_overrides(rel_l1_thresh=thresh))
         sums, counts = np.zeros(len(prompt_ids)), np.zeros(len(prompt_ids))
         for x, ids in groups:
             fractions = replay(rule, x).double().mean(dim=1).numpy()
