@@ -156,8 +156,9 @@ def _coverage(shape: str, px: np.ndarray, py: np.ndarray, cx: float, cy: float, 
 _PY, _PX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The clip of a scene: float32 [NUM_FRAMES, SIZE, SIZE, 3] in [0, 1]."""
+def render(scene: Scene, return_alpha: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The clip of a scene: float32 [NUM_FRAMES, SIZE, SIZE, 3] in [0, 1] (and, with ``return_alpha``, the shapes'
+    total coverage float32 [NUM_FRAMES, SIZE, SIZE])."""
     bg = np.empty((SIZE, SIZE, 3))
     bg[:] = BACKGROUNDS[scene.background[0]]
     if scene.split == "vertical":
@@ -165,13 +166,15 @@ def render(scene: Scene) -> np.ndarray:
     elif scene.split == "horizontal":
         bg[SIZE // 2 :] = BACKGROUNDS[scene.background[1]]
     video = np.repeat(bg[None], NUM_FRAMES, axis=0)
+    alpha = np.zeros((NUM_FRAMES, SIZE, SIZE))
     for s in scene.shapes:
         xs, ys, hs = s.track()
         color = np.asarray(COLORS[s.color])
         for f in range(NUM_FRAMES):
             a = _coverage(s.shape, _PX, _PY, xs[f], ys[f], hs[f])[..., None]
             video[f] = (1 - a) * video[f] + a * color
-    return video.astype(np.float32)
+            alpha[f] = np.maximum(alpha[f], a[..., 0])
+    return (video.astype(np.float32), alpha.astype(np.float32)) if return_alpha else video.astype(np.float32)
 
 
 def batches(seed: int, batch_size: int, heldout: bool = False) -> Iterator[tuple[np.ndarray, list[Scene]]]:

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # What pyproject.toml builds the wheel from; copied so that the build never sees the checkout's build/.
-SOURCES = ["pyproject.toml", "README.md", "runtime", "calibrate", "reference", "coefficients", "conf"]
+SOURCES = ["pyproject.toml", "README.md", "runtime", "calibrate", "reference", "reference_video", "coefficients", "conf"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 APPS = ["record", "fit", "sweep"]
 

@@ -1,0 +1,1 @@
+"""A second trained reference model: a tiny Wan2.1-style text-to-video ``WanPipeline`` of moving coloured shapes."""

@@ -1,0 +1,120 @@
+"""The trained video reference model (reference_video/): its data, its checker, its prompt encoder, clips that
+follow held-out prompts, and record -> fit -> runtime on it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from calibrate.fit import run_fit
+from calibrate.models import ModelLoadError, load_model
+from calibrate.record import record
+from reference_video.checker import accuracy, check_clip, parse_prompt
+from reference_video.data import HELDOUT_PAIRS, NUM_FRAMES, batches, render, sample_scene, scene_prompt
+from reference_video.evaluate import attribute_rates, generate, prompt_set, shuffled
+from reference_video.pipeline import RECIPE, VideoWeightsMissingError, load_video_pipeline, video_prompt_kwargs
+from reference_video.prompt_encoder import MAX_LENGTH, ShapesTokenizer
+from runtime import TeaCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_cfg(name, overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def video_model():
+    return load_video_pipeline()
+
+
+def test_data_is_seeded_and_keeps_heldout_pairs_out_of_training():
+    a, scenes_a = next(batches(5, 64))
+    b, scenes_b = next(batches(5, 64))
+    assert np.array_equal(a, b) and scenes_a == scenes_b
+    assert a.shape == (64, NUM_FRAMES, 32, 32, 3) and (NUM_FRAMES - 1) % 4 == 0
+    assert not {(s.color, s.shape) for sc in scenes_a for s in sc.shapes} & HELDOUT_PAIRS
+    rng = np.random.default_rng(1)
+    held = [sample_scene(rng, heldout=True) for _ in range(32)]
+    assert all((sc.shapes[0].color, sc.shapes[0].shape) in HELDOUT_PAIRS for sc in held)
+    assert {len(sc.shapes) for sc in scenes_a} == {1, 2}
+
+
+def test_checker_on_real_clips_and_against_shuffled_prompts():
+    clips, scenes = next(batches(11, 120, heldout=True))
+    prompts = [scene_prompt(s) for s in scenes]
+    assert accuracy(clips, prompts) >= 0.95
+    assert accuracy(clips, shuffled(prompts)) <= 0.15
+
+
+def test_checker_fails_each_wrong_attribute():
+    rng = np.random.default_rng(3)
+    scene = sample_scene(rng, max_shapes=1)
+    while scene.shapes[0].motion not in ("moving right", "moving left"):
+        scene = sample_scene(rng, max_shapes=1)
+    clip, prompt = render(scene), scene_prompt(scene)
+    s = scene.shapes[0]
+    assert check_clip(clip, prompt).passed
+    other_color = next(c for c in ("red", "green", "blue", "yellow") if c != s.color)
+    other_shape = next(x for x in ("circle", "square", "triangle") if x != s.shape)
+    other_motion = "moving left" if s.motion == "moving right" else "moving right"
+    for wrong in (prompt.replace(s.color, other_color), prompt.replace(s.shape, other_shape),
+                  prompt.replace(s.motion, other_motion), prompt.replace(s.motion, "staying still")):
+        assert not check_clip(clip, wrong).passed, wrong
+    assert not check_clip(np.zeros_like(clip), prompt).passed
+    with pytest.raises(ValueError, match="names no object"):
+        parse_prompt("a purple hexagon")
+
+
+def test_tokenizer_drops_unknown_words_and_pads_to_a_fixed_length():
+    tok = ShapesTokenizer()
+    ids, mask = tok(["a red circle moving left", "", "the cat", "a red circle moving left on the moon"])
+    assert ids.shape == mask.shape == (4, MAX_LENGTH)
+    assert mask[1].sum() == mask[2].sum() == 1 and mask[0].sum() == 6  # BOS + five known words
+    assert torch.equal(ids[0], ids[3]) and torch.equal(ids[1], ids[2])
+
+
+def test_missing_weights_are_one_sentence(tmp_path):
+    with pytest.raises(VideoWeightsMissingError, match="python -m reference_video.train"):
+        load_video_pipeline(tmp_path)
+    cfg = compose_cfg("record", ["model=reference_video", f"model.path={tmp_path}"])
+    with pytest.raises(ModelLoadError, match="python -m reference_video.train"):
+        load_model(cfg.model, "cpu", torch.float32)
+
+
+def test_trained_model_draws_the_colours_heldout_prompts_name(video_model):
+    """The shipped weights are under-trained (1,000 transformer steps): few clips pass every check, but the named
+    colours are there far more often than another prompt's (measured 0.50 against 0.20 on these 16 clips)."""
+    pipe, encoder = video_model
+    assert type(pipe).__name__ == "WanPipeline" and type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    assert type(pipe.vae).__name__ == "AutoencoderKLWan"
+    prompts = prompt_set("shapes_heldout")[:16]
+    clips = generate(pipe, encoder, prompts, seed=7)
+    assert clips.shape == (16, RECIPE["num_frames"], 32, 32, 3)
+    rates, control = attribute_rates(clips, prompts), attribute_rates(clips, shuffled(prompts))
+    assert rates["objects_present"] >= 0.4 and rates["objects_present"] >= control["objects_present"] + 0.15
+
+
+def test_record_fit_and_runtime_on_the_video_model(video_model, tmp_path):
+    traces = record(compose_cfg("record", ["model=reference_video", "limit=8", "seeds=[0,1]", "device=cpu",
+                                           f"out={tmp_path}/v.h5"]))
+    path = run_fit(compose_cfg("fit", ["model=reference_video", f"traces={traces}", f"out={tmp_path}/v.json",
+                                       "plot=false"]))
+    coefficients = json.loads(Path(path).read_text())
+    assert coefficients["transformer_class"] == "WanTransformer3DModel" and coefficients["recipe"]["num_frames"] == 9
+    assert coefficients["fit"]["prompts"] >= 4 and coefficients["thresholds"]
+    pipe, encoder = video_model
+    prompts = prompt_set("shapes_heldout")[:4]
+    kwargs = {k: v for k, v in RECIPE.items() if k != "negative_prompt"}
+    full = pipe(**video_prompt_kwargs(encoder, prompts, ""), **kwargs,
+                generator=torch.Generator().manual_seed(7), output_type="np").frames
+    with TeaCache.from_coefficients(path, speedup=1.5).apply(pipe) as cache:
+        clips = pipe(**video_prompt_kwargs(encoder, prompts, ""), **kwargs,
+                     generator=torch.Generator().manual_seed(7), output_type="np").frames
+    fraction = sum(s.computed for s in cache.stats.values()) / sum(s.calls for s in cache.stats.values())
+    assert fraction < 0.9
+    assert np.isfinite(clips).all() and 0 < np.abs(clips - full).mean() < 0.1
