@@ -86,7 +86,7 @@ def test_calibrate_record_under_torchrun_equals_a_single_process_recording(tmp_p
     import h5py
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    common = ["model=tiny_qwen_image", "limit=2", "device=cpu"]
+    common = ["model=tiny_qwen_image", "limit=2", "seeds=[0]", "device=cpu"]
     single, cp = tmp_path / "single.h5", tmp_path / "cp.h5"
     done = subprocess.run([sys.executable, "-m", "calibrate.record", *common, f"out={single}",
                            f"hydra.run.dir={tmp_path / 'h1'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
