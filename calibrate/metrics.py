@@ -1,8 +1,12 @@
-"""Image quality against the full-compute output of the same prompt and seed: PSNR, SSIM, LPIPS.
+"""Image quality against the full-compute output of the same prompt and seed: PSNR, SSIM, LPIPS, and a
+perceptual score from the reference model's own judge.
 
 Images are float arrays in [0, 1], ``[H, W, C]`` or ``[frames, H, W, C]`` (video: mean over frames).
 PSNR and SSIM need no weights; LPIPS runs only when the ``lpips`` package and its backbone weights are
-already on disk (nothing is downloaded), and is reported as skipped otherwise.
+already on disk (nothing is downloaded), and is reported as skipped otherwise. :class:`Perceptual` needs
+no download either: for the digits reference model it is the digit classifier of reference/classifier.py
+(agreement of its predicted digit, and the distance in its kernel's feature space); for the video
+reference model the procedural checker of reference_video/checker.py (agreement of its pass/fail).
 """
 
 from __future__ import annotations
@@ -74,3 +78,44 @@ class Lpips:
 
         with torch.no_grad():
             return float(self._model(to_tensor(image), to_tensor(reference)).mean())
+
+
+class Perceptual:
+    """The reference model's own judge, cached output against full compute; ``available`` False for other models.
+
+    ``__call__(image, reference, prompt)`` returns ``(agrees, distance)``:
+
+    - ``reference`` (digits): ``agrees`` is whether the digit classifier predicts the same digit for both;
+      ``distance`` is their distance in the feature space of its RBF kernel, ``sqrt(2 - 2 k(a, b))`` with
+      ``k(a, b) = exp(-gamma |f(a) - f(b)|^2)`` on its 8x8 features: 0 for identical inputs, sqrt(2) for
+      unrelated ones;
+    - ``reference_video`` (shapes): ``agrees`` is whether the checker passes or fails both clips against the
+      prompt alike; ``distance`` is None (the checker has no embedding).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.available = source in ("reference", "reference_video")
+        self.description = {
+            "reference": "digit classifier (reference/classifier.py): agreement = fraction of outputs whose predicted "
+            "digit equals full compute's; feature_distance = mean distance in its RBF kernel's feature space, "
+            "sqrt(2 - 2 k(a, b)): 0 identical, 1.414 unrelated",
+            "reference_video": "clip checker (reference_video/checker.py): agreement = fraction of outputs it passes or "
+            "fails alike with full compute; no feature distance",
+        }.get(source, f"skipped: no judge for model source {source!r}")
+
+    def __call__(self, image: np.ndarray, reference: np.ndarray, prompt: str) -> tuple[bool | None, float | None]:
+        if self.source == "reference":
+            from reference.classifier import get_classifier, to_features
+
+            classifier = get_classifier().model
+            features = to_features(np.stack([np.asarray(image, np.float32), np.asarray(reference, np.float32)]))
+            labels = classifier.predict(features)
+            squared = float(np.sum((features[0].astype(np.float64) - features[1]) ** 2))
+            kernel = math.exp(-float(classifier._gamma) * squared)
+            return bool(labels[0] == labels[1]), math.sqrt(max(0.0, 2.0 - 2.0 * kernel))
+        if self.source == "reference_video":
+            from reference_video.checker import check_clip
+
+            return check_clip(image, prompt).passed == check_clip(reference, prompt).passed, None
+        return None, None

@@ -102,30 +102,72 @@ _STYLES = {
     "oracle": ("black", "s", "oracle (true output change)"),
     "first_block_cache": ("tab:orange", "^", "FirstBlockCache"),
     "mag_cache": ("tab:green", "D", "MagCache (own calibration)"),
+    "taylorseer": ("tab:brown", "v", "TaylorSeer (attention only)"),
+    "uniform": ("tab:gray", "x", "uniform schedule"),
+    "schedule_search": ("tab:red", "*", "schedule search (bound)"),
 }
 
 
+#: PSNR drawn at most this high (outputs identical to full compute are drawn there too).
+CEILING_DB = 60.0
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both speedup and quality (higher is better), sorted by speedup."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first; keep a point if it is better than all faster ones
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
 def plot_pareto(path: Path, rows: list, title: str) -> Path:
-    """PSNR against speedup, one curve per method: wall clock (left) and 1 / computed fraction (right)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    """PSNR against speedup, wall clock (left) and 1 / computed fraction (right): every setting of each method as a
+    marker, and its Pareto front (the settings no other setting of the method beats on both axes) as a line sorted
+    by speedup, labelled with the method's name at its fast end."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), constrained_layout=True)
     finite = [r.psnr for r in rows if r.psnr is not None]
-    ceiling = (max(finite) + 3) if finite else 60.0
+    # Above ~60 dB outputs are indistinguishable; drawing them (and identical ones) at a ceiling keeps the axis on
+    # the range where the methods differ.
+    ceiling = min(max(finite) + 3, CEILING_DB) if finite else CEILING_DB
     for ax, key, label in (
         (axes[0], lambda r: r.wall_speedup, "wall-clock speedup (median of repeats)"),
         (axes[1], lambda r: 1 / max(r.computed_fraction, 1e-6), "ideal speedup = 1 / computed fraction"),
     ):
+        ends = []
         for method, (color, marker, name) in _STYLES.items():
-            mine = sorted((r for r in rows if r.method == method), key=key)
+            mine = [r for r in rows if r.method == method]
             if not mine:
                 continue
-            xs = [key(r) for r in mine]
-            ys = [ceiling if r.psnr is None else r.psnr for r in mine]
-            ax.plot(xs, ys, color=color, marker=marker, ms=5, lw=1.6, label=name)
+            points = [(key(r), ceiling if r.psnr is None else min(r.psnr, ceiling)) for r in mine]
+            ax.scatter(*zip(*points), color=color, marker=marker, s=60 if marker == "*" else 24, alpha=0.45, zorder=2)
+            front = pareto_front(points)
+            ax.plot(*zip(*front), color=color, marker=marker, ms=8 if marker == "*" else 5, lw=1.8, label=name, zorder=3)
+            ends.append((front[-1], color, name.split(" (")[0]))
+        xspan = max(x for (x, _), _, _ in ends) - min(x for (x, _), _, _ in ends) if ends else 1.0
+        for (x, y), color, name in _label_positions(ends, 0.2 * max(xspan, 0.1)):
+            ax.annotate(name, (x, y), xytext=(6, 0), textcoords="offset points", color=color, fontsize=8,
+                        va="center", fontweight="bold")
         ax.axhline(ceiling, color="0.7", ls=":", lw=1)
-        ax.text(ax.get_xlim()[0], ceiling, " identical to full compute", va="bottom", fontsize=8, color="0.4")
+        ax.text(ax.get_xlim()[0], ceiling, f" identical to full compute, or >= {ceiling:.0f} dB", va="bottom", fontsize=8,
+                color="0.4")
+        ax.set_xlim(right=ax.get_xlim()[1] + 0.18 * (ax.get_xlim()[1] - ax.get_xlim()[0]))  # room for the labels
         ax.set_xlabel(label)
         ax.set_ylabel("PSNR vs full compute (dB)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title + "; lines: each method's Pareto front")
     return save_figure(fig, path)
+
+
+def _label_positions(ends: list, width: float) -> list:
+    """Labels at the fronts' fast ends, nudged apart vertically so that they do not overlap."""
+    placed: list = []
+    span = max((y for (_, y), _, _ in ends), default=1.0) - min((y for (_, y), _, _ in ends), default=0.0)
+    gap = max(span, 1.0) * 0.035
+    for (x, y), color, name in sorted(ends, key=lambda e: e[0][1]):
+        for (px, py), _, _ in placed:
+            if abs(px - x) < width and abs(py - y) < gap:
+                y = py + gap
+        placed.append(((x, y), color, name))
+    return placed

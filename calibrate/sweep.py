@@ -421,7 +421,8 @@ def _print_table(rows: list[Row]) -> None:
 
 
 def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) -> dict[str, Any]:
-    """``budgets`` and ``schedule_search.*``, checked before anything loads; returns the search settings."""
+    """``budgets``, ``schedule_search.*`` and TaylorSeer's settings, checked before anything loads; returns the
+    search settings."""
     from .schedule_search import computed_steps
 
     if any(m in BUDGETED for m in methods):
@@ -430,12 +431,23 @@ def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) 
             raise ConfigError("budgets is empty but uniform or schedule_search was asked for; pass e.g. budgets=[0.3,0.5,0.7].")
         for budget in budgets:
             computed_steps(budget, num_steps)  # raises ConfigError for a budget outside (0, 1]
+    if "taylorseer" in methods:
+        if str(cfg.taylorseer.factors_dtype) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"taylorseer.factors_dtype={cfg.taylorseer.factors_dtype!r} is not float32, bfloat16 or float16; pass one of those."
+            )
+        intervals = list(cfg.thresholds.taylorseer or [])
+        if not intervals or any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in intervals):
+            raise ConfigError(
+                f"thresholds.taylorseer={intervals} must list cache intervals, integers >= 1; pass e.g. thresholds.taylorseer=[1,2,4]."
+            )
     search = dict(cfg.schedule_search)
     for name, low in (("passes", 0), ("radius", 1)):
         value = search.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(
-                f"schedule_search.{name} must be an integer >= {low}, got {value!r}; pass e.g. schedule_search.{name}={max(low, 2)}."
+                f"schedule_search.{name} must be an integer >= {low}, got {value!r}; "
+                f"pass e.g. schedule_search.{name}={max(low, 2)}."
             )
     if not isinstance(search.get("greedy"), bool):
         raise ConfigError(f"schedule_search.greedy must be true or false, got {search.get('greedy')!r}.")

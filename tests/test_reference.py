@@ -112,7 +112,7 @@ def test_sweep_on_a_tiny_budget(main_job, tmp_path):
     document = json.loads((out / "sweep.json").read_text())
     assert (out / "pareto.png").stat().st_size > 10_000
     rows = document["rows"]
-    assert {r["method"] for r in rows} == {"full", "teacache", "oracle", "first_block_cache", "mag_cache"}
+    assert {r["method"] for r in rows} == {"full", "teacache", "oracle", "first_block_cache", "mag_cache", "taylorseer", "uniform"}
     keys = {"method", "setting", "computed_fraction", "wall_speedup", "psnr", "ssim", "lpips", "n_outputs"}
     for row in rows:
         assert keys <= set(row)

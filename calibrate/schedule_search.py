@@ -1,0 +1,173 @@
+"""Forced compute schedules and the per-output schedule search: a bound on what any skip rule can reach.
+
+A *schedule* is the set of step indices (per CFG branch, ``0 .. num_steps - 1``) at which the transformer
+runs; at every other step the runtime reuses the cached residual, exactly as TeaCache does when it skips.
+Step 0 is always in it (nothing is cached before it) and both CFG branches follow the same schedule.
+
+The schedule is forced through the runtime itself, not a copy of it: :func:`forced_schedule` hooks
+``runtime.hooks.apply_teacache`` with the identity polynomial, threshold 0.5 and no forced steps but the
+first, and hands it a ``signal_change`` that returns 1.0 at steps to compute (``acc + 1 >= 0.5``) and 0.0 at
+steps to skip (``acc + 0 < 0.5``).
+
+:func:`search_schedules` finds, for one output and each budget (number of computed steps), the schedule
+with the smallest error of the final output against full compute: the start is the better of the uniform
+schedule and (``greedy``) the previous, larger budget's result thinned by greedy elimination; then
+first-improvement local moves (one computed step moved to a free step at most ``radius`` away), at most
+``passes`` passes. Every candidate is a real generation; results are memoised per schedule. The search
+never returns a schedule worse than the uniform one it starts from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+Schedule = frozenset  # of int step indices
+
+
+def computed_steps(fraction: float, num_steps: int) -> int:
+    """Steps computed at a budget given as a computed fraction: ``round(fraction * num_steps)``, at least 1."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ConfigError(f"budget {fraction!r} is not a computed fraction in (0, 1]; pass budgets like [0.3, 0.5, 0.7].")
+    return max(1, min(num_steps, int(math.floor(fraction * num_steps + 0.5))))
+
+
+def uniform_schedule(num_steps: int, computed: int) -> Schedule:
+    """``computed`` steps spread evenly from step 0 to the last step (both included when computed >= 2)."""
+    if not 1 <= computed <= num_steps:
+        raise ConfigError(f"cannot compute {computed} of {num_steps} steps; pass a budget between 1 and {num_steps} steps.")
+    if computed == 1:
+        return frozenset({0})
+    return frozenset(int(round(i * (num_steps - 1) / (computed - 1))) for i in range(computed))
+
+
+class ScheduleChange:
+    """A ``signal_change`` for ``apply_teacache``: 1.0 (compute) at the schedule's steps, 0.0 (skip) elsewhere.
+
+    ``schedule`` is a set of steps, or a callable returning the current one (looked up per output).
+    ``state.step`` is the branch's call index, so both CFG branches follow the same schedule.
+    """
+
+    def __init__(self, schedule: Schedule | Callable[[], Schedule]) -> None:
+        self.schedule = schedule
+
+    def __call__(self, signal: torch.Tensor, previous: torch.Tensor, state: object, branch: str) -> torch.Tensor:
+        import torch
+
+        steps = self.schedule() if callable(self.schedule) else self.schedule
+        return torch.tensor(1.0 if state.step in steps else 0.0, dtype=torch.float32, device=signal.device)
+
+
+@contextlib.contextmanager
+def forced_schedule(transformer: torch.nn.Module, change: ScheduleChange, num_steps: Callable[[], int | None]) -> Iterator[None]:
+    """The runtime's TeaCache hooks on ``transformer``, driven by ``change`` instead of the fitted polynomial."""
+    from runtime import DecisionRule
+    from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
+    from runtime.stats import CacheStats
+
+    rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None)
+    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change))
+    try:
+        yield
+    finally:
+        remove_teacache(transformer)
+
+
+@dataclass
+class SearchResult:
+    """The best schedule found at one budget, its error, and the uniform schedule's error."""
+
+    computed: int
+    steps: Schedule
+    error: float
+    uniform_error: float
+    start: str  # "uniform" or "greedy": which start the local moves began from
+
+
+@dataclass
+class SearchCost:
+    evaluations: int = 0  # distinct schedules generated
+    seconds: float = 0.0
+    per_budget: dict[int, int] = field(default_factory=dict)
+
+
+def _moves_of(s: int, steps: Schedule, num_steps: int, radius: int) -> Iterator[Schedule]:
+    """Computed step ``s`` moved to a free step at most ``radius`` away, nearest first (earlier first on ties)."""
+    for distance in range(1, radius + 1):
+        for t in (s - distance, s + distance):
+            if 0 < t < num_steps and t not in steps:
+                yield (steps - {s}) | {t}
+
+
+def greedy_eliminate(error: Callable[[Schedule], float], steps: Schedule, computed: int) -> Schedule:
+    """Drop, one at a time, the step whose removal hurts the final output least, down to ``computed`` steps."""
+    while len(steps) > computed:
+        steps = min((steps - {s} for s in sorted(steps - {0})), key=error)
+    return steps
+
+
+def local_search(
+    error: Callable[[Schedule], float], steps: Schedule, num_steps: int, passes: int, radius: int
+) -> tuple[Schedule, float]:
+    """First-improvement moves: in a pass, each computed step but 0 in turn is moved to the nearest free step
+    (at most ``radius`` away) that lowers the error, if any; at most ``passes`` passes, fewer when one changes nothing."""
+    best = error(steps)
+    for _ in range(passes):
+        improved = False
+        for s in sorted(steps - {0}):
+            if s not in steps:
+                continue
+            for candidate in _moves_of(s, steps, num_steps, radius):
+                value = error(candidate)
+                if value < best:
+                    steps, best, improved = candidate, value, True
+                    break
+        if not improved:
+            break
+    return steps, best
+
+
+def search_schedules(
+    generate_error: Callable[[Schedule], float],
+    num_steps: int,
+    budgets: list[int],
+    passes: int = 2,
+    radius: int = 2,
+    greedy: bool = True,
+) -> tuple[dict[int, SearchResult], SearchCost]:
+    """The search for one output at each budget (steps computed); ``generate_error(schedule)`` runs a real
+    generation under that schedule and returns its error against full compute."""
+    cache: dict[Schedule, float] = {}
+    cost = SearchCost()
+    start_time = time.perf_counter()
+
+    def error(steps: Schedule) -> float:
+        if steps not in cache:
+            cache[steps] = float(generate_error(steps))
+            cost.evaluations += 1
+        return cache[steps]
+
+    results: dict[int, SearchResult] = {}
+    previous: Schedule | None = None
+    for computed in sorted(set(budgets), reverse=True):
+        before = cost.evaluations
+        uniform = uniform_schedule(num_steps, computed)
+        start, start_name = uniform, "uniform"
+        if greedy and previous is not None and len(previous) > computed:
+            thinned = greedy_eliminate(error, previous, computed)
+            if error(thinned) < error(uniform):
+                start, start_name = thinned, "greedy"
+        steps, value = local_search(error, start, num_steps, passes, radius)
+        results[computed] = SearchResult(computed, steps, value, error(uniform), start_name)
+        cost.per_budget[computed] = cost.evaluations - before
+        previous = steps
+    cost.seconds = time.perf_counter() - start_time
+    return results, cost

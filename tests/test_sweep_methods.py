@@ -1,0 +1,211 @@
+"""The sweep's schedule methods, TaylorSeer and the perceptual score, on the trained reference model (few steps).
+
+- a forced schedule computes exactly the requested steps, in both CFG branches (probe on the last block's attention);
+- the schedule search never returns a schedule worse than the uniform one it starts from, and the errors it
+  reports are those of real generations under its schedules;
+- TaylorSeer's rows exist, its identity setting (cache_interval=1) equals full compute, and the compute probe
+  does not count its predicted attention calls as computed;
+- the perceptual score of full against full is perfect agreement and zero distance;
+- settings of the new methods are refused before anything loads.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from calibrate.metrics import Perceptual
+from calibrate.models import load_model
+from calibrate.plots import pareto_front
+from calibrate.recipe import Recipe
+from calibrate.schedule_search import (
+    ScheduleChange,
+    computed_steps,
+    forced_schedule,
+    local_search,
+    search_schedules,
+    uniform_schedule,
+)
+from calibrate.sweep import ComputeProbe, run_sweep
+from runtime import ConfigError
+from runtime.adapters import adapter_for
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 8
+RECIPE = Recipe(num_inference_steps=STEPS, height=32, width=32, guidance=4.0, negative_prompt="")
+PROMPT, SEED = "a three written by hand", 1000
+
+
+def compose_cfg(name, overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(compose_cfg("sweep").model, "cpu", torch.float32)
+
+
+def generate(model):
+    return np.asarray(model.generate(PROMPT, SEED, RECIPE, output_type="np").images[0], np.float64)
+
+
+def computed_calls(transformer):
+    """Per branch, the call indices in which the last block's attention ran (cond then uncond at every step)."""
+    last = adapter_for(transformer).blocks(transformer)[-1][1]
+    attention = next(m for name, m in last.named_children() if name.startswith("attn"))
+    calls, computed = [0], {"cond": [], "uncond": []}
+
+    def on_call(module, args):
+        calls[0] += 1
+
+    def on_attention(module, args, output):
+        computed["cond" if calls[0] % 2 == 1 else "uncond"].append((calls[0] - 1) // 2)
+
+    handles = [transformer.register_forward_pre_hook(on_call), attention.register_forward_hook(on_attention)]
+    return computed, handles
+
+
+@pytest.mark.parametrize("schedule", [{0, 3, 4, 7}, {0, 1, 2, 5}, {0}])
+def test_forced_schedule_computes_exactly_the_requested_steps(model, schedule):
+    full = generate(model)
+    scheduler = model.pipe.scheduler
+    with forced_schedule(model.transformer, ScheduleChange(frozenset(schedule)), lambda: len(scheduler.timesteps)):
+        computed, handles = computed_calls(model.transformer)
+        try:
+            image = generate(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert computed == {"cond": sorted(schedule), "uncond": sorted(schedule)}
+    assert np.abs(image - full).max() > 0  # skipping changed the output
+    assert np.array_equal(generate(model), full)  # removed: full compute again
+
+
+def test_uniform_schedule_and_budgets():
+    assert uniform_schedule(25, 8) == {0, 3, 7, 10, 14, 17, 21, 24}
+    assert uniform_schedule(8, 1) == {0} and uniform_schedule(8, 8) == set(range(8))
+    assert [computed_steps(f, 25) for f in (0.3, 0.4, 0.5, 0.6, 0.7)] == [8, 10, 13, 15, 18]
+    with pytest.raises(ConfigError, match="computed fraction in"):
+        computed_steps(1.5, 25)
+
+
+def test_search_is_never_worse_than_uniform_and_reports_real_errors(model):
+    full = generate(model)
+    current = {"steps": frozenset()}
+    scheduler = model.pipe.scheduler
+
+    def error(steps):
+        current["steps"] = steps
+        return float(np.mean((generate(model) - full) ** 2))
+
+    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+        results, cost = search_schedules(error, STEPS, [3, 5], passes=1, radius=1, greedy=True)
+        for computed, result in results.items():
+            assert len(result.steps) == computed and 0 in result.steps
+            assert result.error <= result.uniform_error
+            assert result.uniform_error == error(uniform_schedule(STEPS, computed))  # deterministic, re-generated
+            assert result.error == error(result.steps)
+        # at this budget the moves find a better schedule than uniform on this output
+        assert min(r.error / r.uniform_error for r in results.values()) < 1.0
+    assert 0 < cost.evaluations == sum(cost.per_budget.values())
+
+
+def test_local_search_accepts_only_improvements():
+    """On an error with a known optimum: every accepted move lowers it, and the start is kept when no move helps."""
+    target = frozenset({0, 5, 9, 14})
+
+    def error(steps):
+        return float(sum(min(abs(s - t) for t in target) for s in steps))
+
+    start = uniform_schedule(15, 4)  # {0, 5, 9, 14}: already the optimum
+    assert local_search(error, start, 15, passes=3, radius=2) == (start, 0.0)
+    moved, value = local_search(error, frozenset({0, 3, 11, 14}), 15, passes=3, radius=2)
+    assert value < error(frozenset({0, 3, 11, 14})) and 0 in moved and len(moved) == 4
+
+
+def test_taylorseer_probe_counts_predicted_attention_as_skipped(model):
+    from diffusers import TaylorSeerCacheConfig
+
+    full = generate(model)
+    for interval, expected in ((1, 2 * STEPS), (3, None)):
+        model.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=torch.float32))
+        probe = ComputeProbe(model.transformer)
+        try:
+            image = generate(model)
+        finally:
+            probe.remove()
+            model.transformer.disable_cache()
+        assert probe.calls == 2 * STEPS
+        if expected is not None:  # cache_interval=1: every step computed, bit-identical to full compute
+            assert probe.computed == expected and np.array_equal(image, full)
+        else:
+            assert probe.computed < 2 * STEPS and not np.array_equal(image, full)
+
+
+def test_perceptual_score_of_full_against_full_is_perfect():
+    judge = Perceptual("reference")
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32, 3)).astype(np.float32)
+    assert judge(image, image.copy(), "a three") == (True, 0.0)
+    agrees, distance = judge(np.clip(image + 0.3 * rng.standard_normal(image.shape), 0, 1), image, "a three")
+    assert 0 < distance <= 2**0.5
+    assert Perceptual("tiny").available is False and Perceptual("tiny")(image, image, "x") == (None, None)
+
+
+def test_pareto_front_is_sorted_and_non_dominated():
+    points = [(2.0, 30.0), (1.0, 50.0), (1.5, 40.0), (1.6, 35.0), (2.5, 20.0), (1.4, 45.0), (1.2, 44.0)]
+    assert pareto_front(points) == [(1.0, 50.0), (1.4, 45.0), (1.5, 40.0), (1.6, 35.0), (2.0, 30.0), (2.5, 20.0)]
+
+
+def test_sweep_rows_for_the_new_methods(tmp_path):
+    cfg = compose_cfg(
+        "sweep",
+        [
+            "limit=1", "repeats=1", "methods=[taylorseer,uniform,schedule_search]", "thresholds.taylorseer=[1,3]",
+            "budgets=[0.5]", "schedule_search.passes=1", f"num_inference_steps={STEPS}", f"out={tmp_path}/sweep", "device=cpu",
+        ],
+    )
+    out = run_sweep(cfg)
+    document = json.loads((out / "sweep.json").read_text())
+    rows = {(r["method"], r["setting"]): r for r in document["rows"]}
+    assert set(rows) == {("full", None), ("taylorseer", 1.0), ("taylorseer", 3.0), ("uniform", 0.5), ("schedule_search", 0.5)}
+    keys = {"psnr", "ssim", "lpips", "agreement", "feature_distance", "computed_fraction", "wall_speedup"}
+    assert all(keys <= set(r) for r in rows.values())
+    full = rows[("full", None)]
+    assert full["agreement"] == 1.0 and full["feature_distance"] == 0.0
+    identity = rows[("taylorseer", 1.0)]
+    assert identity["max_abs_diff"] == 0.0 and identity["computed_fraction"] == 1.0 and identity["psnr"] is None
+    assert rows[("taylorseer", 3.0)]["computed_fraction"] < 1.0
+    for method in ("uniform", "schedule_search"):
+        assert rows[(method, 0.5)]["computed_fraction"] == 0.5  # 4 of 8 steps
+    assert rows[("schedule_search", 0.5)]["psnr"] >= rows[("uniform", 0.5)]["psnr"]
+    search = document["schedule_search"]
+    assert search["evaluations"] > 0 and search["per_output"][0]["budgets"][0]["computed_steps"] == 4
+    assert (out / "pareto.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["methods=[uniform]", "budgets=[0.3,1.5]"], "not a computed fraction"),
+        (["methods=[schedule_search]", "schedule_search.passes=-1"], "schedule_search.passes must be an integer >= 0"),
+        (["methods=[schedule_search]", "schedule_search.radius=0"], "schedule_search.radius must be an integer >= 1"),
+        (["methods=[uniform,tayloseer]"], "unknown method 'tayloseer'"),
+        (["methods=[taylorseer]", "taylorseer.factors_dtype=float8"], "taylorseer.factors_dtype='float8' is not"),
+        (["methods=[taylorseer]", "thresholds.taylorseer=[0,2]"], "cache intervals, integers >= 1"),
+    ],
+)
+def test_bad_settings_of_the_new_methods_are_refused_before_loading(tmp_path, monkeypatch, overrides, message):
+    import calibrate.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(calibrate.models, "load_model", no_load)
+    cfg = compose_cfg("sweep", [*overrides, f"out={tmp_path}/s", "device=cpu"])
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(cfg)
