@@ -63,7 +63,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("full", "teacache", "oracle", "first_block_cache", "mag_cache", "taylorseer", "uniform", "schedule_search")
+METHODS = (
+    "full", "teacache", "teacache_dsigma", "teacache_joint", "fixed_schedule", "oracle", "first_block_cache", "mag_cache",
+    "taylorseer", "uniform", "schedule_search",
+)
+#: The runtime's rule variants, each run from the same file with its own calibrated table (runtime.rules).
+RULE_VARIANTS = ("teacache_dsigma", "teacache_joint", "fixed_schedule")
 #: Methods whose setting is a budget (computed fraction) from ``budgets``, not a threshold.
 BUDGETED = ("uniform", "schedule_search")
 
@@ -221,6 +226,9 @@ def method_applied(
     elif method == "teacache":
         with TeaCache.from_coefficients(coefficients, rel_l1_thresh=setting).apply(model.pipe):
             yield
+    elif method in RULE_VARIANTS:
+        with TeaCache.from_coefficients(coefficients, rule=method, rel_l1_thresh=setting).apply(model.pipe):
+            yield
     elif method == "oracle":
         d = coefficients.defaults
         rule = DecisionRule.of(_IDENTITY, d.with_overrides(rel_l1_thresh=setting, rule="teacache"))
@@ -296,6 +304,10 @@ def run_sweep(cfg: DictConfig) -> Path:
     for method in methods:
         if method in ("teacache", "oracle"):
             grid = teacache_thresholds(coefficients, cfg.teacache_points)
+        elif method == "fixed_schedule":
+            grid = [coefficients.defaults.rel_l1_thresh]  # one schedule: the steps the default threshold computes
+        elif method in RULE_VARIANTS:
+            grid = teacache_thresholds(coefficients.for_rule(method), cfg.teacache_points)[1:]  # 0 is teacache's
         elif method in BUDGETED:
             grid = list(cfg.budgets)
         else:

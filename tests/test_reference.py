@@ -138,3 +138,21 @@ def test_sweep_refuses_seeds_the_fit_saw(main_job, tmp_path):
     with pytest.raises(ConfigError, match=r"seeds \[0\] were used by the fit's traces"):
         run_sweep(cfg)
     assert load_coefficients(path).provenance["kind"] == "calibrated"
+
+
+def test_sweep_runs_the_rule_variants_from_their_own_tables(main_job, tmp_path):
+    _, path = main_job
+    cfg = compose_cfg(
+        "sweep",
+        [f"coefficients={path}", "limit=1", "repeats=1", "teacache_points=2", f"out={tmp_path}/sweep", "device=cpu",
+         "methods=[teacache_dsigma,teacache_joint,fixed_schedule]"],
+    )
+    rows = json.loads((run_sweep(cfg) / "sweep.json").read_text())["rows"]
+    c = load_coefficients(path)
+    by_method = {m: [r for r in rows if r["method"] == m] for m in ("teacache_dsigma", "teacache_joint", "fixed_schedule")}
+    for method in ("teacache_dsigma", "teacache_joint"):
+        table = {t["rel_l1_thresh"] for t in c.rules[method]["thresholds"]}
+        assert by_method[method] and all(r["setting"] in table for r in by_method[method])
+    (fixed,) = by_method["fixed_schedule"]
+    steps = c.recipe["num_inference_steps"]
+    assert fixed["computed_fraction"] == pytest.approx(len(set(c.schedule) | {0, steps - 1}) / steps, abs=1e-3)
