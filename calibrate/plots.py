@@ -103,6 +103,9 @@ _STYLES = {
     "first_block_cache": ("tab:orange", "^", "FirstBlockCache"),
     "mag_cache": ("tab:green", "D", "MagCache (own calibration)"),
     "taylorseer": ("tab:brown", "v", "TaylorSeer (attention only)"),
+    "teacache_dsigma": ("tab:cyan", "o", "TeaCache, sigma-weighted"),
+    "teacache_joint": ("tab:purple", "o", "TeaCache, branches joint"),
+    "fixed_schedule": ("tab:olive", "P", "fixed schedule (from traces)"),
     "uniform": ("tab:gray", "x", "uniform schedule"),
     "schedule_search": ("tab:red", "*", "schedule search (bound)"),
 }
