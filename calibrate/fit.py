@@ -420,6 +420,44 @@ def _rounded(value: Any, key: str | None = None) -> Any:
     return value
 
 
+def closed_loop_check(coefficients: Coefficients, traces: TraceSet, model_cfg: Any, pairs: int, rows: int = 8) -> Coefficients:
+    """Run the runtime on held-out prompt x seed pairs at the table's thresholds (up to ``rows`` of them,
+    25-95% computed) and store each realized computed fraction beside the replayed one: at run time
+    skipping changes the trajectory, which a replay of full-compute traces cannot see."""
+    from runtime import TeaCache
+
+    from .models import load_model, resolve_device, resolve_dtype
+
+    if model_cfg.name != traces.model:
+        raise FitError(
+            f"closed_loop needs the traces' model, but model={model_cfg.name} was given for traces of {traces.model}; "
+            f"pass model={traces.model}."
+        )
+    fit = coefficients.fit or {}
+    held_prompts, held_seeds = set(fit.get("heldout_prompts", [])), set(fit.get("heldout_seeds", []))
+    runs = sorted({(t.prompt, t.seed) for t in traces.trajectories
+                   if t.prompt in held_prompts and (not held_seeds or t.seed in held_seeds)})[:pairs]
+    candidates = [i for i, r in enumerate(coefficients.thresholds) if 0.25 <= r.computed_fraction <= 0.95]
+    picks = sorted({candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, min(rows, len(candidates)))}) if candidates else []
+    if not runs or not picks:
+        raise FitError("closed_loop found no held-out prompt x seed pair or no table row between 25% and 95% computed; record more.")
+    model = load_model(model_cfg, resolve_device("auto"), resolve_dtype(model_cfg.dtype))
+    recipe = traces.recipe
+    table = list(coefficients.thresholds)
+    for i in picks:
+        row = table[i]
+        with TeaCache.from_coefficients(coefficients, rel_l1_thresh=row.rel_l1_thresh).apply(model.pipe) as cache:
+            for prompt, seed in runs:
+                model.generate(prompt, seed, recipe)
+        stats = cache.stats.values()
+        realized = sum(s.computed for s in stats) / max(1, sum(s.calls for s in stats))
+        table[i] = dataclasses.replace(row, realized_fraction=round(realized, 4))
+    diffs = [abs(r.realized_fraction - r.computed_fraction) for r in table if r.realized_fraction is not None]
+    report = {**fit, "closed_loop": {"pairs": len(runs), "rows": len(picks), "max_abs_diff": round(max(diffs), 4)}}
+    log.info("closed loop on %d held-out pairs: realized vs replayed computed fraction differ by at most %.3f", len(runs), max(diffs))
+    return dataclasses.replace(coefficients, thresholds=tuple(table), fit=report)
+
+
 def decision_settings(cfg: DictConfig) -> DecisionSettings:
     """The decision settings of the fit's config (checked by the runtime's own settings object)."""
     from runtime.errors import ConfigError
@@ -436,6 +474,9 @@ def decision_settings(cfg: DictConfig) -> DecisionSettings:
 
 
 def run_fit(cfg: DictConfig) -> Path:
+    closed_loop = cfg.get("closed_loop", 0)
+    if not isinstance(closed_loop, int) or isinstance(closed_loop, bool) or closed_loop < 0:
+        raise FitError(f"closed_loop must be a number of held-out prompt x seed pairs >= 0 (0: off), got {closed_loop!r}.")
     settings = FitSettings(
         degree=cfg.degree,
         method=cfg.method,
@@ -458,6 +499,8 @@ def run_fit(cfg: DictConfig) -> Path:
     if not cfg.out:
         _check_outputs(out, cfg.plot)
     coefficients, extras = fit_pipeline(traces, settings)
+    if closed_loop:
+        coefficients = closed_loop_check(coefficients, traces, cfg.model, closed_loop)
     png, staged = out.with_suffix(".png"), None
     if cfg.plot:  # rendered first, so that a failure leaves both files as they were
         from .plots import fit_figure, stage_figure

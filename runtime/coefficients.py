@@ -60,11 +60,20 @@ DecisionDefaults = DecisionSettings
 
 @dataclass(frozen=True)
 class ThresholdRow:
-    """One row of the threshold table: the computed fraction the fitter measured by replaying the rule."""
+    """One row of the threshold table: the computed fraction the fitter measured by replaying the rule
+    on the full-compute traces, and (``calibrate.fit closed_loop=N``) the one the runtime realized on
+    held-out prompt x seed pairs, where skipping changes the trajectory."""
 
     rel_l1_thresh: float
     computed_fraction: float
     computed_fraction_std: float = 0.0
+    realized_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["realized_fraction"] is None:
+            del out["realized_fraction"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class Coefficients:
             "defaults": self.defaults.to_dict(),
         }
         if self.thresholds:
-            out["thresholds"] = [dataclasses.asdict(row) for row in self.thresholds]
+            out["thresholds"] = [row.to_dict() for row in self.thresholds]
         if self.fit is not None:
             out["fit"] = dict(self.fit)
         if self.experts:
@@ -612,6 +621,9 @@ def _validate_thresholds(thresholds: Any, origin: str, where: str) -> None:
                 raise _fail(
                     origin, f"{where}[{i}]", "needs rel_l1_thresh >= 0 and computed_fraction in [0, 1]", refit
                 )
+            realized = row.get("realized_fraction")
+            if realized is not None and not (_is_number(realized) and 0 <= realized <= 1):
+                raise _fail(origin, f"{where}[{i}].realized_fraction", "must be in [0, 1] or absent", refit)
             if thresh <= previous:
                 raise _fail(origin, f"{where}[{i}]", "is out of order (thresholds must increase)", refit)
             previous = thresh

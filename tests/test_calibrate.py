@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from calibrate.fit import FitSettings, fit_traces, run_fit
-from calibrate.fitting import heldout_prompts
+from calibrate.fitting import FitError, heldout_prompts
 from calibrate.models import ModelLoadError, load_model
 from calibrate.recipe import Recipe
 from calibrate.record import record
@@ -361,3 +361,18 @@ def test_nonsense_settings(tmp_path):
     with pytest.raises(ModelLoadError, match="dtype='float8'"):
         record_to(tmp_path / "t.h5", extra=["dtype=float8"])
     assert not (tmp_path / "t.h5").exists()
+
+
+def test_closed_loop_check_stores_realized_fractions(tmp_path, qwen_calibration):
+    traces_path, _ = qwen_calibration
+    out = fit_to(traces_path, tmp_path / "c.json", extra=["model=tiny_qwen_image", "closed_loop=2", "plot=false"])
+    c = load_coefficients(out)
+    realized = [r for r in c.thresholds if r.realized_fraction is not None]
+    assert 1 <= len(realized) <= 8 and c.fit["closed_loop"]["pairs"] == 2
+    diffs = [abs(r.realized_fraction - r.computed_fraction) for r in realized]
+    assert c.fit["closed_loop"]["max_abs_diff"] == pytest.approx(max(diffs), abs=1e-4)
+    assert max(diffs) <= 0.15  # the tiny model's trajectories barely react to skipping
+    with pytest.raises(FitError, match="closed_loop needs the traces' model"):
+        fit_to(traces_path, tmp_path / "d.json", extra=["model=tiny_flux", "closed_loop=2", "plot=false"])
+    with pytest.raises(FitError, match="closed_loop must be a number"):
+        fit_to(traces_path, tmp_path / "e.json", extra=["closed_loop=-1"])
