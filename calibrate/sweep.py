@@ -405,6 +405,9 @@ def run_sweep(cfg: DictConfig) -> Path:
     }
     if search_report is not None:
         document["schedule_search"] = {**search_report, "bound_check": bound_check(rows)}
+    choice = rule_ranking(rows)
+    if choice is not None:
+        document["rule_ranking"] = choice
     from runtime.coefficients import unwritable, write_atomically
 
     text = json.dumps(document, indent=1) + "\n"
@@ -416,7 +419,43 @@ def run_sweep(cfg: DictConfig) -> Path:
 
     plot_pareto(out / "pareto.png", rows, title=f"{cfg.model.name}: {len(work)} held-out outputs, {recipe.num_inference_steps} steps")
     _print_table(rows)
+    if cfg.get("choose_rule") and choice is not None:
+        _write_default_rule(coefficients, choice["best"], str(cfg.coefficients))
     return out
+
+
+def rule_ranking(rows: list[Row], fractions: tuple[float, ...] = tuple(np.linspace(0.3, 0.7, 9))) -> dict[str, Any] | None:
+    """The runtime's rules (TeaCache and its variants) ranked by held-out quality: each rule's PSNR
+    interpolated at the computed fractions in [0.3, 0.7] that every swept rule covers, averaged. None
+    when fewer than two thresholded rules were swept or they share no fraction."""
+    curves = {}
+    for method in ("teacache", *RULE_VARIANTS):
+        points = sorted((r.computed_fraction, min(r.psnr, 60.0) if r.psnr is not None else 60.0)
+                        for r in rows if r.method == method)
+        if len(points) >= 2:
+            curves[method] = points
+    if len(curves) < 2:
+        return None
+    lo = max(p[0][0] for p in curves.values())
+    hi = min(p[-1][0] for p in curves.values())
+    grid = [f for f in fractions if lo <= f <= hi]
+    if not grid:
+        return None
+    scores = {m: float(np.mean(np.interp(grid, [p[0] for p in pts], [p[1] for p in pts]))) for m, pts in curves.items()}
+    best = max(scores, key=scores.get)
+    return {"fractions": [float(round(f, 3)) for f in grid], "mean_psnr_db": {m: round(v, 3) for m, v in scores.items()}, "best": best}
+
+
+def _write_default_rule(coefficients: Coefficients, rule: str, source: str) -> None:
+    """Make ``rule`` the file's default (with that rule's own threshold and table); only for files on disk."""
+    from runtime.coefficients import resolve_coefficients, save_coefficients
+
+    path = resolve_coefficients(source)
+    import dataclasses
+
+    chosen = coefficients.for_rule(rule)
+    save_coefficients(dataclasses.replace(coefficients, defaults=chosen.defaults), path)
+    log.info("%s: default rule is now %s (rel_l1_thresh %s), chosen by held-out PSNR", path, rule, chosen.defaults.rel_l1_thresh)
 
 
 def _print_table(rows: list[Row]) -> None:

@@ -64,8 +64,9 @@ class TeaCache:
         (a variant the fit calibrated: its own default threshold and table are used).
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
-        if overrides.get("rule") is not None:
-            coefficients = coefficients.for_rule(overrides.pop("rule"))
+        rule = overrides.pop("rule", None) or coefficients.defaults.rule
+        if rule != coefficients.defaults.rule or rule in coefficients.rules:
+            coefficients = coefficients.for_rule(rule)  # that rule's own default threshold and table
         if speedup is not None:
             if rel_l1_thresh is not None:
                 raise ConfigError("pass either rel_l1_thresh= or speedup=, not both.")

@@ -156,3 +156,26 @@ def test_sweep_runs_the_rule_variants_from_their_own_tables(main_job, tmp_path):
     (fixed,) = by_method["fixed_schedule"]
     steps = c.recipe["num_inference_steps"]
     assert fixed["computed_fraction"] == pytest.approx(len(set(c.schedule) | {0, steps - 1}) / steps, abs=1e-3)
+
+
+def test_choose_rule_writes_the_best_rule_by_held_out_quality(main_job, tmp_path):
+    import shutil
+
+    _, path = main_job
+    copy = tmp_path / "c.json"
+    shutil.copyfile(path, copy)
+    cfg = compose_cfg(
+        "sweep",
+        [f"coefficients={copy}", "limit=2", "repeats=1", "teacache_points=3", f"out={tmp_path}/sweep", "device=cpu",
+         "methods=[teacache,teacache_dsigma,teacache_joint]", "choose_rule=true"],
+    )
+    ranking = json.loads((run_sweep(cfg) / "sweep.json").read_text())["rule_ranking"]
+    scores = ranking["mean_psnr_db"]
+    assert set(scores) == {"teacache", "teacache_dsigma", "teacache_joint"}
+    assert ranking["best"] == max(scores, key=scores.get)
+    c = load_coefficients(copy)
+    assert c.defaults.rule == ranking["best"]
+    cache = TeaCache.from_coefficients(copy)
+    assert cache.rule.rule == ranking["best"]
+    if ranking["best"] != "teacache":
+        assert cache.rel_l1_thresh == c.rules[ranking["best"]]["rel_l1_thresh"]
