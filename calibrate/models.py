@@ -205,7 +205,7 @@ def _from_pretrained(model_cfg: Any, dtype: torch.dtype) -> DiffusionPipeline:
 
     pipeline_cls = get_class(model_cfg.pipeline)
     try:
-        return pipeline_cls.from_pretrained(model_cfg.path, torch_dtype=dtype)
+        return pipeline_cls.from_pretrained(model_cfg.path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"the weights of model={model_cfg.name} could not be loaded from {model_cfg.path!r} "
