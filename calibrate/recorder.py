@@ -24,7 +24,7 @@ from torch import nn
 from runtime import intercept
 from runtime.adapters import BlockCall, BlockLayout, adapter_for
 from runtime.hooks import BranchStates, mark_steps, rel_l1, signal_reader
-from runtime.parallel import block_local_arguments, context_parallel_group, rel_l1_across
+from runtime.parallel import block_local_arguments, context_parallel_group
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
 ROOT_HOOK = "trace_root"
@@ -47,10 +47,8 @@ class TraceState(BaseState):
         previous = self.previous.get(name)
         if previous is None or previous.shape != current.shape:
             value = torch.full((), float("nan"), dtype=torch.float32, device=current.device)
-        elif group is not None:
-            value = rel_l1_across(current, previous, group)
         else:
-            value = rel_l1(current, previous)
+            value = rel_l1(current, previous, group)
         self.previous[name] = current.detach()
         self.values[name].append(value)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from .coefficients import Coefficients, available_names, coefficients_dir, load_
 from .decision import DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
 from .controlnet import refuse_controlnet_pipeline
-from .hooks import TeaCacheConfig, apply_teacache, mark_steps, remove_teacache, reset_teacache, states_of
+from .hooks import TeaCacheConfig, apply_teacache, mark_steps, remove_teacache, reset_teacache, run_before, states_of
 from .stats import BranchStats, CacheStats
 
 logger = logging.getLogger(__name__)
@@ -37,8 +36,7 @@ class TeaCache:
         self.rule = self._rule_for(coefficients)
         self._stats: dict[str, CacheStats] = {}
         self._applied: dict[str, nn.Module] = {}  # expert attribute name -> transformer
-        self._scheduler: Any = None
-        self._unmark_steps: Callable[[], None] = lambda: None
+        self._unwrap_scheduler: list[Callable[[], None]] = []
 
     def _rule_for(self, coefficients: Coefficients) -> DecisionRule:
         """The decision rule of one expert's polynomial, with this cache's threshold and overrides."""
@@ -121,8 +119,13 @@ class TeaCache:
                 raise
             self._applied[name] = transformer
         self._check_pipeline(pipe)
-        self._scheduler = _reset_on_new_generation(scheduler, self.reset)
-        self._unmark_steps = mark_steps(scheduler, lambda: [states_of(t) for t in self._applied.values()])
+        # Every diffusers pipeline sets its scheduler's timesteps when a generation starts: reset there too,
+        # since the pipeline's own end-of-call reset never runs when a call raises (a cancelled request, a
+        # callback that raises), and the next call would continue the broken call's trajectory.
+        self._unwrap_scheduler = [
+            run_before(scheduler, "set_timesteps", self.reset) or (lambda: None),
+            mark_steps(scheduler, lambda: [states_of(t) for t in self._applied.values()]),
+        ]
         return self
 
     def remove(self) -> None:
@@ -130,11 +133,9 @@ class TeaCache:
         for transformer in self._applied.values():
             remove_teacache(transformer)
         self._applied = {}
-        self._unmark_steps()
-        self._unmark_steps = lambda: None
-        if self._scheduler is not None:
-            self._scheduler.__dict__.pop("set_timesteps", None)
-            self._scheduler = None
+        for unwrap in self._unwrap_scheduler:
+            unwrap()
+        self._unwrap_scheduler = []
 
     def reset(self) -> None:
         """Forget the per-branch state, as a pipeline does after each generation (for bare transformer use)."""
@@ -238,25 +239,6 @@ def _step_counter(name: str, experts: dict, scheduler: Any, pipe: Any, given: in
         return high if name == "transformer" else len(timesteps) - high
 
     return count
-
-
-def _reset_on_new_generation(scheduler: Any, reset: Any) -> Any:
-    """Every diffusers pipeline sets its scheduler's timesteps when a generation starts: reset there too.
-
-    The pipeline's own end-of-call reset never runs when a call raises (a cancelled request, a callback
-    that raises); without this the next call would continue the broken call's trajectory.
-    """
-    set_timesteps = getattr(scheduler, "set_timesteps", None)
-    if set_timesteps is None or "set_timesteps" in vars(scheduler):
-        return None
-
-    @functools.wraps(set_timesteps)  # pipelines inspect its signature (sigmas=, timesteps=)
-    def set_timesteps_and_reset(*args: Any, **kwargs: Any) -> Any:
-        reset()
-        return set_timesteps(*args, **kwargs)
-
-    scheduler.set_timesteps = set_timesteps_and_reset
-    return scheduler
 
 
 def _names_for_class(class_name: str) -> list[str]:

@@ -53,8 +53,14 @@ NumStepsProvider = Callable[[], "int | None"]
 SignalChange = Callable[[torch.Tensor, torch.Tensor, "TeaCacheState", str], torch.Tensor]
 
 
-def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """mean(|current - previous|) / mean(|previous|) as a 0-d float32 tensor on the inputs' device."""
+def rel_l1(current: torch.Tensor, previous: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """mean(|current - previous|) / mean(|previous|) as a 0-d float32 tensor on the inputs' device.
+
+    Under context parallelism (``group``, see :func:`runtime.parallel.context_parallel_group`), that of the
+    whole tensors this rank's ``current`` and ``previous`` are parts of.
+    """
+    if group is not None:
+        return rel_l1_across(current, previous, group)
     change = torch.mean((current - previous).abs(), dtype=torch.float32)
     return change / torch.mean(previous.abs(), dtype=torch.float32)
 
@@ -127,26 +133,40 @@ class BranchStates(StateManager):
         return {**self._inside, **self._outside}
 
 
+def run_before(owner: Any, name: str, before: Callable[[], None]) -> Callable[[], None] | None:
+    """Make ``owner.name(...)`` call ``before()`` first, as an instance attribute (the class is untouched and
+    the signature stays inspectable: pipelines inspect ``set_timesteps``'s). Returns the function that
+    undoes it, or None when ``owner`` has no such method or it is wrapped already."""
+    method = getattr(owner, name, None)
+    if method is None or name in vars(owner):
+        return None
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before()
+        return method(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+    return lambda: owner.__dict__.pop(name, None)
+
+
 def mark_steps(scheduler: Any, managers: Callable[[], list[BranchStates]]) -> Callable[[], None]:
     """Let ``scheduler.step`` (called once per denoising step by every diffusers pipeline) mark the step
     boundaries for ``managers()``, which then split calls made outside a cache context by their order
     within the step. Returns the function that undoes it (a no-op when there is nothing to mark)."""
-    step = getattr(scheduler, "step", None)
-    if step is None or "step" in vars(scheduler):
+
+    def new_step() -> None:
+        for manager in managers():
+            manager.new_step()
+
+    unwrap = run_before(scheduler, "step", new_step)
+    if unwrap is None:
         return lambda: None
     for manager in managers():
         manager.split_calls = True
 
-    @functools.wraps(step)
-    def step_and_mark(*args: Any, **kwargs: Any) -> Any:
-        for manager in managers():
-            manager.new_step()
-        return step(*args, **kwargs)
-
-    scheduler.step = step_and_mark
-
     def undo() -> None:
-        scheduler.__dict__.pop("step", None)
+        unwrap()
         for manager in managers():
             manager.split_calls = False
 
@@ -332,10 +352,8 @@ class TeaCacheRunner:
             x = torch.full((), float("nan"), dtype=torch.float32, device=signal.device)
         elif self.signal_change is not None:
             x = self.signal_change(signal, previous, state, manager.branch)
-        elif group is not None:
-            x = rel_l1_across(signal, previous, group)
         else:
-            x = rel_l1(signal, previous)
+            x = rel_l1(signal, previous, group)
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
