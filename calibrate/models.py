@@ -121,27 +121,8 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
         def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
             return {"prompt": prompt, "negative_prompt": negative}
 
-    elif source == "reference":
-        from reference.pipeline import load_reference_pipeline, reference_prompt_kwargs
-
-        try:
-            pipe, encoder = load_reference_pipeline(model_cfg.get("path"), device=device, dtype=dtype)
-        except FileNotFoundError as exc:
-            raise ModelLoadError(str(exc)) from None
-
-        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
-            return reference_prompt_kwargs(encoder, prompt, negative, device=device)
-
-    elif source == "reference_video":
-        from reference_video.pipeline import load_video_pipeline, video_prompt_kwargs
-
-        try:
-            pipe, video_encoder = load_video_pipeline(model_cfg.get("path"), device=device, dtype=dtype)
-        except FileNotFoundError as exc:
-            raise ModelLoadError(str(exc)) from None
-
-        def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
-            return video_prompt_kwargs(video_encoder, prompt, negative, device=device)
+    elif source in ("reference", "reference_video"):
+        pipe, prompt_kwargs = _trained_model(source, model_cfg.get("path"), device, dtype)
 
     elif source == "hub":
         pipe = _from_pretrained(model_cfg, dtype).to(device)
@@ -163,6 +144,26 @@ def load_model(model_cfg: Any, device: str, dtype: torch.dtype) -> LoadedModel:
         guidance_kwarg=model_cfg.guidance_kwarg,
         call_kwargs=dict(model_cfg.get("call_kwargs") or {}),
     )
+
+
+def _trained_model(source: str, path: Any, device: str, dtype: torch.dtype) -> tuple[Any, Callable[[str, str | None], dict[str, Any]]]:
+    """A trained model shipped in this repository (``reference``: digits, ``reference_video``: shapes clips):
+    its pipeline, and how its own prompt encoder turns a prompt into the pipeline's embeddings."""
+    if source == "reference":
+        from reference.pipeline import load_reference_pipeline as load
+        from reference.pipeline import reference_prompt_kwargs as embeddings
+    else:
+        from reference_video.pipeline import load_video_pipeline as load
+        from reference_video.pipeline import video_prompt_kwargs as embeddings
+    try:
+        pipe, encoder = load(path, device=device, dtype=dtype)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+    def prompt_kwargs(prompt: str, negative: str | None) -> dict[str, Any]:
+        return embeddings(encoder, prompt, negative, device=device)
+
+    return pipe, prompt_kwargs
 
 
 def _edit_images(model_cfg: Any) -> list[Path] | None:

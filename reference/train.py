@@ -145,8 +145,8 @@ def single_frame_conv2d() -> Iterator[None]:
         conv_cls.forward = original
 
 
-def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``base_lr``."""
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base_lr`` (the video reference model trains with it too)."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -204,7 +204,7 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor) -> tuple[AutoencoderKLQwen
     with single_frame_conv2d(), tqdm(range(cfg.vae_steps), desc="VAE", unit="step") as bar:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, warmup=20)
+                group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, warmup=20)
             idx = torch.randint(0, x_all.shape[0], (cfg.vae_batch_size,), generator=gen)
             x = x_all[idx]
             mean, logvar = _vae_moments(vae, x)
@@ -337,7 +337,7 @@ def train_transformer(
     with tqdm(range(cfg.steps), desc="transformer", unit="step") as bar:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+                group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
             idx = torch.randint(0, labels.shape[0], (cfg.batch_size,), generator=gen)
             z = latents_mean[idx] + posterior_std[idx] * torch.randn(latents_mean[idx].shape, generator=gen)
             x0 = pack_latents((z - shift_mean) / shift_std)
@@ -361,10 +361,7 @@ def train_transformer(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
             optimizer.step()
-            decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), models.parameters()):
-                    p_ema.lerp_(p, 1.0 - decay)
+            ema_update(ema, models, step, cfg.ema_decay)
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -374,6 +371,14 @@ def train_transformer(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
+
+
+def ema_update(ema: nn.Module, model: nn.Module, step: int, max_decay: float) -> None:
+    """One step of the exponential moving average of ``model``'s weights, warmed up over the first steps."""
+    decay = min(max_decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -386,33 +391,39 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def write_loss_logs(vae_losses: list[float], losses: list[float], log_dir: Path, meta: dict[str, object]) -> None:
-    """Write ``loss.json`` (per-step losses + run metadata) and ``loss.png`` (both curves, log scale)."""
+def loss_figure(panels: list[tuple[list[float], str]], title: str, path: Path, dpi: int) -> None:
+    """One log-scale panel per loss curve (per step and its moving average over 50), saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "vae_reconstruction_mse": vae_losses, "transformer_flow_matching_mse": losses}
-    (log_dir / "loss.json").write_text(json.dumps(payload, indent=1))
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, values, title in (
-        (axes[0], vae_losses, "VAE reconstruction MSE"),
-        (axes[1], losses, "transformer flow-matching MSE (velocity)"),
-    ):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 3, 4))
+    for ax, (values, name) in zip(axes, panels):
         ax.plot(values, color="tab:blue", alpha=0.3, linewidth=0.7, label="per step")
         ax.plot(_moving_average(values, 50), color="tab:blue", linewidth=1.5, label="moving average (50)")
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s on 1 CPU thread)")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(log_dir / "loss.png", dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def write_loss_logs(vae_losses: list[float], losses: list[float], log_dir: Path, meta: dict[str, object]) -> None:
+    """Write ``loss.json`` (per-step losses + run metadata) and ``loss.png`` (both curves, log scale)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "vae_reconstruction_mse": vae_losses, "transformer_flow_matching_mse": losses}
+    (log_dir / "loss.json").write_text(json.dumps(payload, indent=1))
+    loss_figure(
+        [(vae_losses, "VAE reconstruction MSE"), (losses, "transformer flow-matching MSE (velocity)")],
+        f"reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s on 1 CPU thread)",
+        log_dir / "loss.png",
+        dpi=110,
+    )
 
 
 def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict[str, object]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from reference_video.data import BACKGROUNDS, COLORS, SHAPES
+from reference_video.data import BACKGROUNDS, COLORS
 
 _PALETTE_NAMES = list(COLORS) + [f"bg:{n}" for n in BACKGROUNDS]
 _PALETTE = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)

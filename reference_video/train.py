@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from torch import nn
 
+from reference.train import ema_update, loss_figure, lr_at
 from reference_video.data import NUM_FRAMES, batches, render, scene_prompt
 from reference_video.prompt_encoder import ShapesPromptEncoder, ShapesTokenizer
 
@@ -86,13 +86,6 @@ class TrainConfig:
     ema_decay: float = 0.999
     flow_shift: float = 3.0
     checkpoint_every: int = 1000
-
-
-def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def to_vae_input(clips: np.ndarray) -> torch.Tensor:
@@ -145,7 +138,7 @@ def finetune_decoder(cfg: TrainConfig, vae: AutoencoderKLWan) -> list[float]:
     t0 = time.perf_counter()
     for step in range(cfg.decoder_steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.decoder_steps, cfg.decoder_lr, 20)
+            g["lr"] = lr_at(step, cfg.decoder_steps, cfg.decoder_lr, 20)
         x, weight = _weighted_batch(cfg, stream)
         with torch.no_grad():
             mean, logvar = vae_moments(vae, x)
@@ -170,7 +163,7 @@ def train_vae(cfg: TrainConfig) -> tuple[AutoencoderKLWan, list[float]]:
     t0 = time.perf_counter()
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, 20)
+            g["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 20)
         x, weight = _weighted_batch(cfg, stream)
         mean, logvar = vae_moments(vae, x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
@@ -246,7 +239,7 @@ def train_transformer(cfg, vae, mean, std, prompts, out: Path):
     run = min(cfg.steps, cfg.stop_at or cfg.steps)
     for step in range(run):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, mean.shape[0], (cfg.batch_size,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         x0 = (z - lat_mean) / lat_std
@@ -264,10 +257,7 @@ def train_transformer(cfg, vae, mean, std, prompts, out: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), models.parameters()):
-                pe.lerp_(p, 1.0 - decay)
+        ema_update(ema, models, step, cfg.ema_decay)
         losses.append(loss.item())
         if step % 50 == 0:
             print(f"step {step} loss {np.mean(losses[-50:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -277,38 +267,19 @@ def train_transformer(cfg, vae, mean, std, prompts, out: Path):
     return ema["transformer"], ema["encoder"], losses
 
 
-def _moving_average(values: list[float], window: int) -> np.ndarray:
-    c = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
-    n = np.minimum(np.arange(1, len(values) + 1), window)
-    return (c[1:] - c[np.maximum(0, np.arange(1, len(values) + 1) - window)]) / n
-
-
 def write_loss_logs(vae_losses: list[float], losses: list[float], decoder_losses: list[float], log_dir: Path,
                     meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "loss.json").write_text(json.dumps(
         {"meta": meta, "vae_reconstruction_mse": vae_losses, "transformer_flow_matching_mse": losses,
          "decoder_finetune_mse": decoder_losses}))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, values, title in ((axes[0], vae_losses, "1. VAE reconstruction MSE"),
-                              (axes[1], losses, "3. transformer flow-matching MSE (velocity)"),
-                              (axes[2], decoder_losses, "4. decoder fine-tune MSE (encoder frozen)")):
-        ax.plot(values, color="tab:blue", alpha=0.3, linewidth=0.7, label="per step")
-        ax.plot(_moving_average(values, 50), color="tab:blue", linewidth=1.5, label="moving average (50)")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"video reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s, 1 CPU thread)")
-    fig.tight_layout()
-    fig.savefig(log_dir / "loss.png", dpi=100)
-    plt.close(fig)
+    loss_figure(
+        [(vae_losses, "1. VAE reconstruction MSE"), (losses, "3. transformer flow-matching MSE (velocity)"),
+         (decoder_losses, "4. decoder fine-tune MSE (encoder frozen)")],
+        f"video reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s, 1 CPU thread)",
+        log_dir / "loss.png",
+        dpi=100,
+    )
 
 
 def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict:
