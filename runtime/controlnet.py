@@ -19,13 +19,12 @@ residual holds the computed call's, as for any other block input: no refusal the
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 from torch import nn
 
 from . import intercept
-from .adapters import ModelAdapter, adapter_for
+from .adapters import BlockCall, ModelAdapter, adapter_for
 from .errors import UnsupportedModelError
 
 CONTROL = "teacache_control"
@@ -50,17 +49,10 @@ def refuse_controlnet_pipeline(pipe: Any) -> None:
 
 def control_residuals_given(adapter: ModelAdapter, transformer: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """The names of ``adapter.control_arguments`` that this call of ``transformer`` passes a residual in."""
-    if not adapter.control_arguments:
-        return []
-    positions = _positions(type(transformer))
+    call = BlockCall(transformer, args, kwargs)  # an argument by name, positional or keyword
     given = []
     for name in adapter.control_arguments:
-        if name in kwargs:
-            value = kwargs[name]
-        elif positions.get(name, len(args)) < len(args):
-            value = args[positions[name]]
-        else:
-            continue
+        value = call.get(name)
         if value is not None and not (hasattr(value, "__len__") and len(value) == 0):
             given.append(name)
     return given
@@ -92,15 +84,3 @@ def guard(transformer: nn.Module) -> None:
 
 def unguard(transformer: nn.Module) -> None:
     intercept.release(transformer, CONTROL)
-
-
-_POSITIONS: dict[type, dict[str, int]] = {}
-
-
-def _positions(cls: type) -> dict[str, int]:
-    cls = cls.__dict__.get("_intercepted_from", cls)
-    positions = _POSITIONS.get(cls)
-    if positions is None:
-        names = list(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
-        positions = _POSITIONS[cls] = {name: i for i, name in enumerate(names)}
-    return positions

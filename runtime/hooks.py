@@ -423,14 +423,8 @@ class TeaCacheConfig:
         return steps if callable(steps) else (lambda: steps)
 
 
-def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | DecisionRule, *args: Any) -> TeaCacheRunner:
-    """Hook TeaCache into ``transformer`` as ``config`` says; undo with :func:`remove_teacache`.
-
-    (``apply_teacache(transformer, rule, signal, stats, num_steps, signal_change)`` builds the config from
-    those, for callers that hold the parts.)
-    """
-    if not isinstance(config, TeaCacheConfig):
-        config = TeaCacheConfig(config, *args)
+def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRunner:
+    """Hook TeaCache into ``transformer`` as ``config`` says; undo with :func:`remove_teacache`."""
     rule, signal, stats = config.rule, config.signal, config.stats
     num_steps, signal_change = config.steps_provider(), config.signal_change
     adapter = adapter_for(transformer)
