@@ -77,10 +77,11 @@ class FitSettings:
 
     def rule(
         self, rel_l1_thresh: float, fit: PolyFit | None = None, rule: str = "teacache",
-        weights: tuple[float, ...] | None = None,
+        weights: tuple[float, ...] | None = None, max_lag: int | None = None,
     ) -> DecisionRule:
         """The runtime's rule with this polynomial at ``rel_l1_thresh`` (the upstream rule unless ``rule``
-        names a variant; ``weights`` are teacache_dsigma's step weights)."""
+        names a variant; ``weights`` are teacache_dsigma's step weights; ``max_lag`` caps the skips in a
+        row at the longest recorded lag, as the file's teacache_drift entry does at the runtime)."""
         from runtime.decision import DecisionRule  # torch
 
         polynomial = SimpleNamespace(
@@ -88,7 +89,11 @@ class FitSettings:
             x_range=fit.x_range if fit is not None else None,
             step_weights=weights,
         )
-        return DecisionRule.of(polynomial, self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule=rule))
+        decision = self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule=rule)
+        if max_lag is not None:
+            cap = decision.max_consecutive_skips
+            decision = decision.with_overrides(max_consecutive_skips=max_lag if cap is None else min(cap, max_lag))
+        return DecisionRule.of(polynomial, decision)
 
 
 @dataclass
@@ -132,6 +137,33 @@ class Points:
             branch=branch[finite],
             dropped=int((~finite).sum()),
             dropped_first_steps=int((~finite & (steps == 0)).sum()),
+        )
+
+    @classmethod
+    def gather_lagged(cls, traces: TraceSet, split: "Split", settings: "FitSettings", lags: int) -> "Points":
+        """The pairs (x_lag, y_lag) of every lag 1..``lags``: the signal's and the output's change between
+        a step and each of the ``lags`` steps before it (the drift rule's polynomial is fitted on them)."""
+        xs, ys, train, held, decision, branch, dropped, first = [], [], [], [], [], [], 0, 0
+        for t in traces.trajectories:
+            x = np.asarray(t.data["x_lag"][:, :lags], dtype=np.float64)
+            y = np.asarray(t.data["y_lag"][:, :lags], dtype=np.float64)
+            steps = np.repeat(np.asarray(t.data["step"])[:, None], lags, axis=1)
+            lag = np.arange(1, lags + 1)[None, :]
+            finite = np.isfinite(x) & np.isfinite(y)
+            dropped += int((~finite & (steps >= lag)).sum())  # pairs whose earlier step exists
+            first += int((~finite & (steps == 0)).sum())
+            n = len(steps)
+            on_decision = (steps >= max(1, settings.decision.warmup_steps)) & (steps < n - settings.decision.final_steps)
+            xs.append(x[finite])
+            ys.append(y[finite])
+            decision.append(on_decision[finite])
+            count = int(finite.sum())
+            train.append(np.full(count, split.trains(t)))
+            held.append(np.full(count, split.holds(t)))
+            branch.append(np.full(count, t.branch, dtype=object))
+        return cls(
+            x=np.concatenate(xs), y=np.concatenate(ys), train=np.concatenate(train), heldout=np.concatenate(held),
+            decision=np.concatenate(decision), branch=np.concatenate(branch), dropped=dropped, dropped_first_steps=first,
         )
 
     def select(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +230,8 @@ def threshold_table(
     from runtime.decision import replay
 
     trajectories = traces.trajectories
+    lagged = rule == "teacache_drift"  # replays the lagged changes [steps, lags] (see runtime.decision.replay)
+    lags = min(t.data["x_lag"].shape[1] for t in trajectories) if lagged else None
     if rule == "teacache_joint":
         leader = "cond" if any(t.branch == "cond" for t in trajectories) else min(t.branch for t in trajectories)
         trajectories = [t for t in trajectories if t.branch == leader]
@@ -207,7 +241,7 @@ def threshold_table(
     prompt_ids = {p: i for i, p in enumerate(sorted({t.prompt for t in trajectories}))}
     groups, p_steps, p_totals = [], [], []
     for group in by_length.values():
-        x = np.stack([t.data[field] for t in group]).astype(np.float32)
+        x = np.stack([t.data["x_lag"][:, :lags] if lagged else t.data[field] for t in group]).astype(np.float32)
         groups.append((torch.from_numpy(x), np.array([prompt_ids[t.prompt] for t in group])))
         p = fit.predict(np.where(np.isfinite(x), x, fit.x_range[0]))
         if weights is not None:
@@ -216,12 +250,13 @@ def threshold_table(
             p = p * w
         p[:, : max(1, settings.warmup_steps)] = 0.0
         p_steps.append(p[:, 1:].ravel())
-        p_totals.append(p.sum(axis=1))
+        # the drift rule compares one prediction (not a sum) with the threshold: its grid tops out at the largest
+        p_totals.append(p.reshape(len(p), -1).max(axis=1) if lagged else p.sum(axis=1))
     grid = threshold_grid(np.concatenate(p_steps), np.concatenate(p_totals))
 
     rows = []
     for thresh in grid:
-        replayed = settings.rule(thresh, fit, rule=rule, weights=weights)
+        replayed = settings.rule(thresh, fit, rule=rule, weights=weights, max_lag=lags)
         sums, counts = np.zeros(len(prompt_ids)), np.zeros(len(prompt_ids))
         for x, ids in groups:
             fractions = replay(replayed, x).double().mean(dim=1).numpy()
@@ -262,6 +297,40 @@ def fixed_schedule(traces: TraceSet, field: str, fit: PolyFit, settings: FitSett
     count = int(round(computed.sum(axis=1).mean()))
     order = sorted(range(n), key=lambda step: (-frequency[step], step))
     return tuple(sorted(order[:count]))
+
+
+def drift_variant(traces: TraceSet, split: Split, settings: FitSettings) -> dict[str, Any] | None:
+    """The ``teacache_drift`` entry of the file: a polynomial fitted on the lagged pairs (the change since
+    the last computed step predicts the output's change over the same span), its threshold table, and
+    ``max_lag``, the longest lag recorded (the runtime caps the skips in a row there). None when the
+    traces hold no lagged changes (recorded with ``drift_lags=0``, or before they existed)."""
+    if not all("x_lag" in t.data and "y_lag" in t.data for t in traces.trajectories):
+        log.info("the traces hold no lagged changes (x_lag, y_lag), so the teacache_drift rule is not calibrated")
+        return None
+    lags = min(t.data["x_lag"].shape[1] for t in traces.trajectories)
+    points = Points.gather_lagged(traces, split, settings, lags)
+    try:
+        fit = _fit_signal(points, settings)["fit"]
+    except FitError as exc:
+        log.warning("teacache_drift not calibrated: %s", exc)
+        return None
+    rows = threshold_table(traces, "x", fit, settings, rule="teacache_drift")
+    scores = _scores(fit, points)
+    report = {
+        "points": int((points.train & points.decision).sum()),
+        "points_heldout": int((points.heldout & points.decision).sum()),
+        "fitted_on": f"pairs (step, each of the {lags} steps before it) on decision steps of training prompts x seeds",
+        **scores,
+    }
+    log.info("teacache_drift: R^2 %.3f on decision steps (held out %.3f), lags 1..%d", scores["r2"], scores["r2_heldout"], lags)
+    return {
+        "rel_l1_thresh": default_threshold(rows, settings.default_speedup),
+        "thresholds": [dataclasses.asdict(row) for row in rows],
+        "coefficients": list(fit.coefficients),
+        "x_range": list(fit.x_range),
+        "max_lag": lags,
+        "fit": _rounded(report),
+    }
 
 
 def default_threshold(rows: list[ThresholdRow], speedup: float) -> float:
@@ -334,6 +403,9 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
             "rel_l1_thresh": default_threshold(own_rows, settings.default_speedup),
             "thresholds": [dataclasses.asdict(row) for row in own_rows],
         }
+    drift = drift_variant(traces, split, settings) if field == "x" else None
+    if drift is not None:
+        variants["teacache_drift"] = drift
     schedule = fixed_schedule(traces, field, chosen, settings, default)
     scores = _scores(chosen, points)
     report = {

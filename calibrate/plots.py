@@ -105,6 +105,7 @@ _STYLES = {
     "taylorseer": ("tab:brown", "v", "TaylorSeer (attention only)"),
     "teacache_dsigma": ("tab:cyan", "o", "TeaCache, sigma-weighted"),
     "teacache_joint": ("tab:purple", "o", "TeaCache, branches joint"),
+    "teacache_drift": ("tab:pink", "o", "TeaCache, drift since last compute"),
     "fixed_schedule": ("tab:olive", "P", "fixed schedule (from traces)"),
     "uniform": ("tab:gray", "x", "uniform schedule"),
     "schedule_search": ("tab:red", "*", "schedule search (bound)"),

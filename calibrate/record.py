@@ -55,6 +55,9 @@ def work_list(cfg: DictConfig) -> list[tuple[int, str, int]]:
     if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ConfigError(f"shard must be in [0, num_shards) and num_shards >= 1, got shard={shard} num_shards={num_shards}.")
     prompts = prompt_texts(cfg)
+    lags = cfg.get("drift_lags", 0)
+    if not isinstance(lags, int) or isinstance(lags, bool) or not 0 <= lags <= 64:
+        raise ConfigError(f"drift_lags must be an integer from 0 (off) to 64, got {lags!r}; e.g. drift_lags=6, the default.")
     if cfg.limit is not None:
         if not isinstance(cfg.limit, int) or cfg.limit < 1:
             raise ConfigError(f"limit must be a positive integer or null, got {cfg.limit!r}.")
@@ -99,7 +102,7 @@ def _record_runs(cfg: DictConfig, model: Any, recipe: Recipe, todo: list, writer
 
     if writer is not None:
         writer.bind(type(model.transformer).__name__, type(model.pipe).__name__)
-    with TraceRecorder(model.pipe) as recorder:  # the pipeline: every expert of it is recorded
+    with TraceRecorder(model.pipe, lags=cfg.get("drift_lags", 0)) as recorder:  # every expert of the pipeline
         bar = tqdm(todo, desc=f"record {cfg.model.name} -> {out.name}", unit="run", dynamic_ncols=True, disable=writer is None)
         for prompt_index, prompt, seed in bar:
             branches = recorder.run(lambda: model.generate(prompt, seed, recipe))

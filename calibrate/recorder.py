@@ -9,6 +9,9 @@ reads everything to the host in one transfer.
 Per call of a branch: ``timestep`` (as the transformer receives it), ``x`` (modulated-input rel-L1
 against the previous call of the branch), ``x_temb`` (the same for the timestep embedding), ``y``
 (transformer output rel-L1) and ``y_residual`` (block-stack residual rel-L1); NaN at the first step.
+With ``lags=K > 0``, also ``x_lag`` and ``y_lag`` ([steps, K]): column k is the change against the call
+``k + 1`` calls back (column 0 repeats ``x`` / ``y``; NaN where that call does not exist), what the
+``teacache_drift`` rule is calibrated from.
 """
 
 from __future__ import annotations
@@ -27,16 +30,24 @@ from runtime.hooks import BranchStates, mark_steps, rel_l1, signal_reader
 from runtime.parallel import block_local_arguments, context_parallel_group
 
 MEASURED = ("timestep", "x", "x_temb", "y", "y_residual")
+#: Changes also measured against several earlier calls (``lags > 0``): the field -> its lagged dataset.
+LAGGED = {"x": "x_lag", "y": "y_lag"}
+#: The default number of lags ``calibrate.record`` records (``drift_lags``).
+DEFAULT_LAGS = 6
 ROOT_HOOK = "trace_root"
 _INTERCEPTORS = ("trace_stack", "trace_x", "trace_x_temb")
 
 
 class TraceState(BaseState):
-    """One branch's previous tensors and the 0-d device values measured so far."""
+    """One branch's previous tensors and the device values measured so far (0-d, or [lags] for the lagged
+    changes). ``lags`` is set on a subclass per recorder (the state manager makes states without arguments)."""
+
+    lags = 0
 
     def __init__(self) -> None:
         self.previous: dict[str, torch.Tensor] = {}
-        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in MEASURED}
+        self.history: dict[str, list[torch.Tensor]] = {name: [] for name in LAGGED}  # newest last
+        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in (*MEASURED, *LAGGED.values())}
         self.stack_input: torch.Tensor | None = None
 
     def change(self, name: str, current: torch.Tensor, group: Any = None) -> None:
@@ -51,6 +62,15 @@ class TraceState(BaseState):
             value = rel_l1(current, previous, group)
         self.previous[name] = current.detach()
         self.values[name].append(value)
+        if self.lags and name in LAGGED:
+            history = self.history[name]
+            lagged = [value]  # lag 1 is the change just measured
+            for earlier in reversed(history[:-1]):
+                lagged.append(rel_l1(current, earlier, group) if earlier.shape == current.shape else torch.full_like(value, float("nan")))
+            lagged += [torch.full_like(value, float("nan"))] * (self.lags - len(lagged))
+            self.values[LAGGED[name]].append(torch.stack(lagged))
+            history.append(current.detach())
+            del history[: -self.lags]
 
     def reset(self) -> None:
         self.__init__()
@@ -123,23 +143,28 @@ class TraceRecorder:
     its own; the second expert's branches are labelled ``"transformer_2.cond"``, ``"transformer_2.uncond"``.
     """
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, lags: int = 0) -> None:
         from runtime.cache import pipeline_experts
 
+        if not isinstance(lags, int) or isinstance(lags, bool) or lags < 0:
+            raise ValueError(f"lags must be an integer >= 0 (0: no lagged changes), got {lags!r}.")
+        self.lags = lags
         self.experts = pipeline_experts(target)
         self.transformer = self.experts["transformer"]
         self._finished: dict[str, list[dict[str, dict[str, list]]]] = {name: [] for name in self.experts}
-        self._managers = [self._hook(transformer, self._finished[name].append) for name, transformer in self.experts.items()]
+        self._managers = [
+            self._hook(transformer, self._finished[name].append, lags) for name, transformer in self.experts.items()
+        ]
         # Calls made outside a cache context one after the other in a step (Chroma's CFG) are told apart
         # by their order within the step, as the runtime does.
         self._unmark_steps = mark_steps(getattr(target, "scheduler", None), lambda: self._managers)
 
     @staticmethod
-    def _hook(transformer: nn.Module, sink: Callable[[dict], None]) -> BranchStates:
+    def _hook(transformer: nn.Module, sink: Callable[[dict], None], lags: int) -> BranchStates:
         adapter = adapter_for(transformer)
         blocks = adapter.blocks(transformer)
         (_, head), (_, tail) = blocks[0], blocks[-1]
-        manager = BranchStates(TraceState)
+        manager = BranchStates(type(TraceState.__name__, (TraceState,), {"lags": lags}))
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(_RootHook(manager, sink), ROOT_HOOK)
         for block in dict.fromkeys((head, tail)):  # one interceptor when the stack is a single block
@@ -178,17 +203,21 @@ class TraceRecorder:
             )
         names = sorted(branches)
         lengths = {name: len(branches[name]["timestep"]) for name in names}
-        values = [v for name in names for field in MEASURED for v in branches[name][field]]
-        stacked = torch.stack(values).cpu()  # the one device-to-host read of the run
-        flat = stacked.reshape(-1).numpy()
+        fields = (*MEASURED, *LAGGED.values()) if self.lags else MEASURED
+        values = [v.reshape(-1) for name in names for field in fields for v in branches[name][field]]
+        flat = torch.cat(values).cpu().numpy()  # the one device-to-host read of the run
         out, offset = {}, 0
         for name in names:
             out[name] = {}
-            for field in MEASURED:
-                n = lengths[name]
-                out[name][field] = flat[offset : offset + n].astype(np.float32)
-                offset += n
-            out[name]["step"] = np.arange(lengths[name], dtype=np.int32)
+            n = lengths[name]
+            for field in fields:
+                width = self.lags if field in LAGGED.values() else 1
+                if len(branches[name][field]) != n:
+                    raise RuntimeError(f"branch {name!r} measured {len(branches[name][field])} values of {field} in {n} calls")
+                block = flat[offset : offset + n * width].astype(np.float32)
+                out[name][field] = block.reshape(n, width) if width > 1 or field in LAGGED.values() else block
+                offset += n * width
+            out[name]["step"] = np.arange(n, dtype=np.int32)
         return out
 
     def remove(self) -> None:

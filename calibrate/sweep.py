@@ -64,11 +64,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = (
-    "full", "teacache", "teacache_dsigma", "teacache_joint", "fixed_schedule", "oracle", "first_block_cache", "mag_cache",
+    "full", "teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "oracle", "first_block_cache", "mag_cache",
     "taylorseer", "uniform", "schedule_search",
 )
 #: The runtime's rule variants, each run from the same file with its own calibrated table (runtime.rules).
-RULE_VARIANTS = ("teacache_dsigma", "teacache_joint", "fixed_schedule")
+RULE_VARIANTS = ("teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule")
 #: Methods whose setting is a budget (computed fraction) from ``budgets``, not a threshold.
 BUDGETED = ("uniform", "schedule_search")
 

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 TRACE_SCHEMA = "teacache-traces/1"
 DATASETS = ("step", "timestep", "x", "x_temb", "y", "y_residual")
+#: Datasets a trajectory may hold: the lagged changes [steps, lags] the drift rule is calibrated from.
+LAGGED_DATASETS = ("x_lag", "y_lag")
 CHANGES = ("x", "x_temb", "y", "y_residual")  # rel-L1 changes: >= 0 where finite
 GROUP_ATTRS = ("key", "prompt", "prompt_index", "seed", "branch")
 
@@ -255,6 +257,15 @@ def trajectory_problem(data: Mapping[str, np.ndarray], steps: int | None) -> str
         values = np.asarray(data[name], dtype=np.float64)
         if (values[np.isfinite(values)] < 0).any():
             return f"holds negative values in {name!r}, which a rel-L1 change never is"
+    lagged = [name for name in LAGGED_DATASETS if name in data]
+    for name in lagged:
+        values = np.asarray(data[name])
+        if values.ndim != 2 or values.shape[0] != n or values.shape[1] < 1 or values.dtype.kind not in "f":
+            return f"has a dataset {name!r} of shape {values.shape} where [{n} steps, lags] of floats belongs"
+        if (values[np.isfinite(values)] < 0).any():
+            return f"holds negative values in {name!r}, which a rel-L1 change never is"
+    if len(lagged) == 1 or (lagged and data["x_lag"].shape != data["y_lag"].shape):
+        return "holds x_lag and y_lag of different shapes (or only one of them)"
     return None
 
 
@@ -276,6 +287,12 @@ def group_problem(name: str, group: object, steps: int) -> str | None:
             if not isinstance(item, h5py.Dataset):
                 return f"lacks dataset {dataset!r}"
             data[dataset] = item[()]
+        for dataset in LAGGED_DATASETS:
+            if dataset in group:
+                item = group[dataset]
+                if not isinstance(item, h5py.Dataset):
+                    return f"holds {dataset!r} that is not a dataset"
+                data[dataset] = item[()]
         return trajectory_problem(data, steps_of("expert" in group.attrs, steps))
     except (OSError, KeyError, ValueError, TypeError) as exc:
         return f"cannot be read ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
@@ -438,7 +455,7 @@ class TraceWriter:
                 del runs[name]
             for branch, data in sorted(branches.items()):
                 group = runs.create_group(f"{key}_{branch}")
-                for dataset in DATASETS:
+                for dataset in (*DATASETS, *(d for d in LAGGED_DATASETS if d in data)):
                     group.create_dataset(dataset, data=np.asarray(data[dataset]))
                 attrs = {"key": key, "prompt": prompt, "prompt_index": prompt_index, "seed": int(seed), "branch": branch}
                 if several:  # the run's calls are shared between the pipeline's experts (Wan2.2)
@@ -615,7 +632,7 @@ def load_traces(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
                         prompt_index=int(group.attrs["prompt_index"]),
                         seed=int(group.attrs["seed"]),
                         branch=str(group.attrs["branch"]),
-                        data={d: group[d][()] for d in DATASETS},
+                        data={d: group[d][()] for d in (*DATASETS, *LAGGED_DATASETS) if d in group},
                     )
                 )
             for key, per_branch in sorted(lengths.items()):

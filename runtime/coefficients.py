@@ -138,13 +138,36 @@ class Coefficients:
         calibrated that rule (``rules``), else the file's own; the variant's data stay."""
         entry = self.rules.get(rule)
         defaults = self.defaults.with_overrides(rule=rule)
+        if rule == "teacache_drift":
+            if entry is None or "coefficients" not in entry:
+                raise CoefficientsError(
+                    f"{self.origin} has no teacache_drift polynomial (rules.teacache_drift); the drift rule needs one "
+                    "fitted on lagged changes: record with `python -m calibrate.record` (drift_lags > 0, the default) "
+                    "and fit with `python -m calibrate.fit`."
+                )
+            if self.experts:
+                raise CoefficientsError(
+                    f"{self.origin} holds several experts ({', '.join(self.expert_names)}), and the drift rule is "
+                    "calibrated for one transformer only; use rule='teacache' (or teacache_dsigma, teacache_joint)."
+                )
         if entry is None:
             return dataclasses.replace(self, defaults=defaults)
-        return dataclasses.replace(
+        out = dataclasses.replace(
             self,
             defaults=defaults.with_overrides(rel_l1_thresh=entry["rel_l1_thresh"]),
             thresholds=tuple(ThresholdRow(**row) for row in entry.get("thresholds") or ()),
         )
+        if "coefficients" in entry:  # a rule with its own polynomial (teacache_drift: lagged pairs)
+            cap, lag = defaults.max_consecutive_skips, entry.get("max_lag")
+            if lag is not None:  # skips in a row beyond the longest recorded lag were never replayed
+                cap = lag if cap is None else min(cap, lag)
+            out = dataclasses.replace(
+                out,
+                coefficients=tuple(float(c) for c in entry["coefficients"]),
+                x_range=tuple(float(v) for v in entry["x_range"]),
+                defaults=out.defaults.with_overrides(max_consecutive_skips=cap),
+            )
+        return out
 
     def for_expert(self, name: str) -> "Coefficients":
         """The file as seen by one expert: its own polynomial, x range, table and default threshold."""
@@ -521,6 +544,9 @@ def _validate(data: Any, origin: str) -> None:
         raise _fail(origin, "schedule", "is missing for rule fixed_schedule", refit)
 
     rules = data.get("rules")
+    drift = rules.get("teacache_drift") if isinstance(rules, dict) else None
+    if rule == "teacache_drift" and not (isinstance(drift, dict) and "coefficients" in drift):
+        raise _fail(origin, "rules.teacache_drift", "needs its own polynomial for rule teacache_drift", refit)
     if rules is not None:
         if not isinstance(rules, dict):
             raise _fail(origin, "rules", "must be an object {rule: {rel_l1_thresh, thresholds}}", refit)
@@ -528,8 +554,16 @@ def _validate(data: Any, origin: str) -> None:
             where = f"rules.{name}"
             if name not in RULES or name in ("teacache", "fixed_schedule"):
                 raise _fail(origin, where, f"is not a thresholded rule variant ({', '.join(r for r in RULES if r not in ('teacache', 'fixed_schedule'))})", refit)
-            if not isinstance(entry, dict) or "rel_l1_thresh" not in entry or set(entry) - {"rel_l1_thresh", "thresholds"}:
-                raise _fail(origin, where, "must be an object with rel_l1_thresh and optional thresholds", refit)
+            own = name == "teacache_drift"  # a rule with its own polynomial
+            keys = {"rel_l1_thresh", "thresholds"} | ({"coefficients", "x_range", "max_lag", "fit"} if own else set())
+            if not isinstance(entry, dict) or "rel_l1_thresh" not in entry or set(entry) - keys:
+                raise _fail(origin, where, f"must be an object with rel_l1_thresh and optional {', '.join(sorted(keys - {'rel_l1_thresh'}))}", refit)
+            if own and ("coefficients" in entry) != ("x_range" in entry):
+                raise _fail(origin, where, "must hold both coefficients and x_range, or neither", refit)
+            if own and "coefficients" in entry:
+                _validate_polynomial(entry, origin, f"{where}.", provenance["kind"] == "calibrated")
+            if own and entry.get("max_lag") is not None and (not _is_int(entry["max_lag"]) or entry["max_lag"] < 1):
+                raise _fail(origin, f"{where}.max_lag", f"must be an integer >= 1, got {_short(entry['max_lag'])}", refit)
             try:
                 validate_decision_settings(rel_l1_thresh=entry["rel_l1_thresh"], where=f"{origin}: {where}")
             except ConfigError as exc:

@@ -42,6 +42,10 @@ class DecisionRule:
       is integrated over); steps past the weights count 1;
     - ``teacache_joint``: the CFG branches of one step take one decision, the first branch's (the
       runtime shares it; :func:`replay` of the leading branch gives it);
+    - ``teacache_drift``: no sum; x is the signal's change since the branch's last computed call (not since
+      the previous call) and the call is skipped while ``p(x)`` alone stays below the threshold. Its
+      polynomial is fitted on the traces' lagged pairs (``x_lag``, ``y_lag``), and the file caps the skips
+      in a row at the longest lag recorded, so the replay sees every x the runtime will;
     - ``fixed_schedule``: compute exactly the steps in ``schedule`` (and the forced ones), whatever x says.
     """
 
@@ -144,7 +148,7 @@ class DecisionRule:
         ``fixed_schedule`` the schedule decides and x is only recorded.
         """
         p = self.predict(x) * self.weight(step)
-        candidate = acc + p
+        candidate = p if self.rule == "teacache_drift" else acc + p
         scheduled = self.scheduled_skip(step)
         if scheduled is not None:
             skip = torch.full_like(candidate, scheduled, dtype=torch.bool)
@@ -164,10 +168,17 @@ def replay(rule: DecisionRule, x: torch.Tensor) -> torch.Tensor:
     ``x`` is ``[trajectories, steps]`` (one CFG branch each; NaN where no previous step exists). The
     step count is known, as in a pipeline. Returns a bool tensor, True where the call is computed.
     For ``teacache_joint`` pass the leading branch's trajectories: every branch of a run follows them.
+
+    For ``teacache_drift`` pass the lagged changes ``[trajectories, steps, lags]``, ``x[:, i, k]`` the
+    signal's change at step i against step ``i - 1 - k``: each decision reads the lag since the last
+    computed step (lags past the last column count as unknown, so such a call is computed).
     """
-    if x.ndim != 2:
-        raise ValueError(f"replay expects x of shape [trajectories, steps], got {tuple(x.shape)}")
-    n_traj, n_steps = x.shape
+    drift = rule.rule == "teacache_drift"
+    if x.ndim != (3 if drift else 2):
+        shape = "[trajectories, steps, lags]" if drift else "[trajectories, steps]"
+        raise ValueError(f"replay of rule {rule.rule} expects x of shape {shape}, got {tuple(x.shape)}")
+    n_traj, n_steps = x.shape[:2]
+    rows = torch.arange(n_traj)
     x = x.to(torch.float32)
     acc = torch.zeros(n_traj, dtype=torch.float32)
     consecutive = torch.zeros(n_traj, dtype=torch.int64)
@@ -176,7 +187,12 @@ def replay(rule: DecisionRule, x: torch.Tensor) -> torch.Tensor:
         forced = rule.cap_reached(consecutive)
         if rule.scheduled_reason(step, n_steps) is not None:
             forced = torch.ones_like(forced)
-        _, _, skip, acc = rule.accumulate(x[:, step], acc, forced, step)
+        if drift:  # the change since the last computed step: lag = consecutive skips + 1
+            lag = consecutive.clamp(max=x.shape[2] - 1)
+            current = torch.where(consecutive < x.shape[2], x[rows, step, lag], torch.full_like(x[:, 0, 0], float("nan")))
+        else:
+            current = x[:, step]
+        _, _, skip, acc = rule.accumulate(current, acc, forced, step)
         computed[:, step] = ~skip
         consecutive = torch.where(skip, consecutive + 1, torch.zeros_like(consecutive))
     return computed

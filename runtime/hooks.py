@@ -182,6 +182,7 @@ class TeaCacheState(BaseState):
         self.consecutive_skips = 0
         self.accumulator: torch.Tensor | None = None
         self.previous_signal: torch.Tensor | None = None
+        self.anchor_signal: torch.Tensor | None = None  # teacache_drift: the signal of the last computed call
         self.residual: torch.Tensor | None = None
         self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
 
@@ -342,7 +343,7 @@ class TeaCacheRunner:
             reason = MAX_SKIPS
         if reason is None and state.residual is None:
             reason = FIRST
-        previous = state.previous_signal
+        previous = state.anchor_signal if self.rule.rule == "teacache_drift" else state.previous_signal
         shape_changed = (previous is not None and previous.shape != signal.shape) or (
             state.residual is not None and state.residual.shape != hidden_states.shape
         )
@@ -378,13 +379,15 @@ class TeaCacheRunner:
             reason = SKIPPED if skipping else (THRESHOLD if finite else NONFINITE)
         self.stats.record(manager.branch, StepRecord(state.step, x_value, p_value, acc_value, not skipping, reason))
 
-        state.previous_signal = signal
+        if self.rule.rule != "teacache_drift":  # the drift rule compares with its anchor only
+            state.previous_signal = signal
         state.step += 1
         self._skipping = skipping
         if skipping:
             state.consecutive_skips += 1
             return self.layouts[0].pack(hidden_states + state.residual, call.get("encoder_hidden_states"))
         state.consecutive_skips = 0
+        state.anchor_signal = signal
         state.unfinished = True
         self._stack_input = hidden_states
         return None

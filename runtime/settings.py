@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError
 
 #: The rules the runtime runs (runtime.rules registers their behaviour under these names).
-RULES = ("teacache", "teacache_dsigma", "teacache_joint", "fixed_schedule")
+RULES = ("teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule")
 
 
 def _is_number(value: Any) -> bool:

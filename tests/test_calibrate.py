@@ -160,12 +160,12 @@ def test_rule_variants_are_calibrated_from_the_same_traces(qwen_calibration):
     tau = np.median(np.stack([t.data["timestep"] for t in data.trajectories]), axis=0)
     d = np.abs(np.diff(tau))
     np.testing.assert_allclose(c.step_weights[:-1], d / d.mean(), atol=1e-4)
-    assert set(c.rules) == {"teacache_dsigma", "teacache_joint"}
+    assert set(c.rules) == {"teacache_dsigma", "teacache_joint", "teacache_drift"}
     cfg = compose_cfg("record", ["model=tiny_qwen_image"])
     loaded = load_model(cfg.model, "cpu", torch.float32)
     recipe = Recipe.from_config(cfg)
     runs = sorted({(t.prompt, t.seed) for t in data.trajectories})
-    for rule in ("teacache_dsigma", "teacache_joint"):
+    for rule in ("teacache_dsigma", "teacache_joint", "teacache_drift"):
         entry = c.rules[rule]
         row = next(r for r in entry["thresholds"] if r["rel_l1_thresh"] == entry["rel_l1_thresh"])
         with TeaCache.from_coefficients(path, rule=rule).apply(loaded.pipe) as cache:
@@ -180,6 +180,83 @@ def test_rule_variants_are_calibrated_from_the_same_traces(qwen_calibration):
     with TeaCache.from_coefficients(path, rule="fixed_schedule").apply(loaded.pipe) as cache:
         loaded.generate(*runs[0], recipe)
     assert [r.step for r in cache.stats["cond"].trace if r.computed] == sorted(set(c.schedule) | {0, steps - 1})
+
+
+def test_lagged_changes_are_those_of_the_outputs_and_signals(tmp_path):
+    """x_lag / y_lag column k: the change against the call k + 1 back, measured on the tensors themselves
+    (the transformer's outputs, caught here by a forward hook); column 0 is x / y."""
+    from calibrate.recorder import TraceRecorder
+    from runtime.hooks import rel_l1
+
+    cfg = compose_cfg("record", ["model=tiny_qwen_image"])
+    loaded = load_model(cfg.model, "cpu", torch.float32)
+    outputs = {}
+    branch = {"name": None}
+
+    def catch(module, args, output):
+        outputs.setdefault(branch["name"], []).append(output[0].detach().clone())
+
+    handle = loaded.transformer.register_forward_hook(catch)
+    original = loaded.transformer.cache_context
+
+    def named(name):
+        branch["name"] = name
+        return original(name)
+
+    loaded.transformer.cache_context = named
+    try:
+        with TraceRecorder(loaded.pipe, lags=4) as recorder:
+            branches = recorder.run(lambda: loaded.generate("a red bicycle", 5, Recipe.from_config(cfg)))
+    finally:
+        handle.remove()
+        del loaded.transformer.cache_context
+    for name, data in branches.items():
+        steps = len(data["step"])
+        assert data["x_lag"].shape == data["y_lag"].shape == (steps, 4)
+        np.testing.assert_array_equal(data["x_lag"][:, 0], data["x"])
+        np.testing.assert_array_equal(data["y_lag"][:, 0], data["y"])
+        outs = outputs[name]
+        for i in range(steps):
+            for k in range(4):
+                if i - k - 1 < 0:
+                    assert np.isnan(data["y_lag"][i, k]) and np.isnan(data["x_lag"][i, k])
+                else:
+                    expected = rel_l1(outs[i], outs[i - k - 1]).item()
+                    assert data["y_lag"][i, k] == pytest.approx(expected, rel=1e-5), (name, i, k)
+        # the signal drifts: a longer span sees at least roughly a larger change
+        assert np.nanmean(data["x_lag"][:, 3]) > np.nanmean(data["x_lag"][:, 0])
+
+
+def test_drift_rule_is_fitted_on_the_lagged_pairs(qwen_calibration):
+    """rules.teacache_drift: its own polynomial, R² recomputed from the traces' lagged pairs on the
+    decision steps, max_lag the recorded lags; the runtime's view of it caps the skips there. A file
+    fitted on traces without lags has no drift entry, and asking for the rule is refused by name."""
+    import dataclasses
+
+    from calibrate.fit import Points, Split
+    from calibrate.fitting import PolyFit, r_squared
+    from runtime import CoefficientsError
+
+    traces_path, path = qwen_calibration
+    c = load_coefficients(path)
+    entry = c.rules["teacache_drift"]
+    data = load_traces(traces_path)
+    assert entry["max_lag"] == data.trajectories[0].data["x_lag"].shape[1] == 6
+    assert list(entry["coefficients"]) != list(c.coefficients)
+    settings = FitSettings()
+    split = Split(frozenset(c.fit["heldout_prompts"]), frozenset(c.fit["heldout_seeds"]))
+    points = Points.gather_lagged(data, split, settings, entry["max_lag"])
+    fit = PolyFit(tuple(entry["coefficients"]), tuple(entry["x_range"]), "robust")
+    for key, mask in (("r2", points.train), ("r2_heldout", points.heldout)):
+        mask = mask & points.decision
+        assert entry["fit"][key] == pytest.approx(r_squared(points.y[mask], fit.predict(points.x[mask])), abs=1e-5)
+    view = c.for_rule("teacache_drift")
+    assert view.coefficients == tuple(entry["coefficients"]) and view.defaults.max_consecutive_skips == 6
+    capped = dataclasses.replace(c, defaults=c.defaults.with_overrides(max_consecutive_skips=2))
+    assert capped.for_rule("teacache_drift").defaults.max_consecutive_skips == 2
+    no_drift = dataclasses.replace(c, rules={k: v for k, v in c.rules.items() if k != "teacache_drift"})
+    with pytest.raises(CoefficientsError, match="no teacache_drift polynomial"):
+        TeaCache.from_coefficients(no_drift, rule="teacache_drift")
 
 
 def test_speedup_picks_from_the_fitted_table(qwen_calibration):
@@ -329,6 +406,29 @@ def test_all_nan_traces(tmp_path):
     with pytest.raises(Exception, match="every point of .*t.h5 is non-finite"):
         fit_to(tmp_path / "t.h5", tmp_path / "c.json")
     assert not (tmp_path / "c.json").exists()
+
+
+def test_lagged_datasets_are_checked_and_old_traces_fit_without_drift(tmp_path):
+    """A lagged dataset of the wrong shape is refused by name (the file is left as it was); traces recorded
+    with drift_lags=0 fit as before, with no drift entry."""
+    traces = record_to(tmp_path / "t.h5", limit=4, extra=["drift_lags=0"])
+    data = load_traces(traces)
+    assert not any("x_lag" in t.data for t in data.trajectories)
+    c = load_coefficients(fit_to(traces, tmp_path / "c.json"))
+    assert "teacache_drift" not in c.rules and {"teacache_dsigma", "teacache_joint"} <= set(c.rules)
+    steps = data.recipe.num_inference_steps
+    with h5py.File(tmp_path / "t.h5", "a") as handle:
+        name = sorted(handle["runs"])[0]
+        handle["runs"][name].create_dataset("x_lag", data=np.zeros((steps - 1, 3), np.float32))
+        handle["runs"][name].create_dataset("y_lag", data=np.zeros((steps - 1, 3), np.float32))
+    with pytest.raises(TraceFileError, match="x_lag"):
+        load_traces(tmp_path / "t.h5")
+    writer = TraceWriter(tmp_path / "w.h5", model="tiny_qwen_image", recipe=data.recipe)
+    t = data.trajectories[0]
+    bad = {**t.data, "x_lag": np.zeros((steps, 2), np.float32), "y_lag": np.zeros((steps, 3), np.float32)}
+    with pytest.raises(TraceFileError, match="x_lag and y_lag of different shapes"):
+        writer.append("k", t.prompt, 0, t.seed, {"cond": bad})
+    writer.close()
 
 
 def test_unknown_model_name(tmp_path):

@@ -129,6 +129,14 @@ def test_missing_schema(tmp_path):
         ({"provenance": {"kind": "guessed"}}, "provenance"),
         ({"recipe": {"num_inference_steps": -3}}, "recipe.num_inference_steps"),
         ({"extra": 1}, "extra"),
+        # teacache_drift: its own polynomial, whole and sound, and a positive max_lag
+        ({"rules": {"teacache_drift": {"rel_l1_thresh": 0.1, "coefficients": [1.0, 0.0]}}}, "rules.teacache_drift"),
+        ({"rules": {"teacache_drift": {"rel_l1_thresh": 0.1, "coefficients": [1.0, "a"], "x_range": [0.0, 1.0]}}},
+         r"rules.teacache_drift.coefficients"),
+        ({"rules": {"teacache_drift": {"rel_l1_thresh": 0.1, "coefficients": [1.0], "x_range": [0.0, 1.0], "max_lag": 0}}},
+         r"rules.teacache_drift.max_lag"),
+        ({"rules": {"teacache_joint": {"rel_l1_thresh": 0.1, "coefficients": [1.0]}}}, "rules.teacache_joint"),
+        ({"defaults": {"rel_l1_thresh": 0.1, "rule": "teacache_drift"}}, "rules.teacache_drift"),
     ],
 )
 def test_each_bad_field_is_named(tmp_path, changes, field):

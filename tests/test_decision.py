@@ -47,6 +47,50 @@ RULES = [
 ]
 
 
+def naive_drift(rule: DecisionRule, lagged: list[list[float]]) -> list[bool]:
+    """teacache_drift as documented, floats only: no sum; x is the change since the last computed step
+    (``lagged[step][lag - 1]``), unknown past the recorded lags (so computed); True = computed."""
+    computed, last = [], None
+    n = len(lagged)
+    for step, row in enumerate(lagged):
+        run = 0 if last is None else step - last - 1
+        forced = step == 0 or step < rule.warmup_steps or step >= n - rule.final_steps
+        forced |= rule.max_consecutive_skips is not None and run >= rule.max_consecutive_skips
+        x = row[step - last - 1] if last is not None and step - last - 1 < len(row) else float("nan")
+        xc = x if rule.x_range is None or math.isnan(x) else min(max(x, rule.x_range[0]), rule.x_range[1])
+        p = 0.0
+        for c in rule.coefficients:
+            p = p * xc + c
+        p = max(p, 0.0) if not math.isnan(p) else p
+        skip = not forced and math.isfinite(x) and math.isfinite(p) and p < rule.rel_l1_thresh
+        if not skip:
+            last = step
+        computed.append(not skip)
+    return computed
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_drift_replay_matches_documented_rule(cap):
+    """Lagged changes that grow with the lag (a drifting signal), some of them non-finite; 4 lags."""
+    gen = torch.Generator().manual_seed(1)
+    per_step = torch.rand(64, 20, 1, generator=gen) * 0.1
+    x = per_step * torch.arange(1, 5).view(1, 1, 4) * (0.8 + 0.4 * torch.rand(64, 20, 4, generator=gen))
+    for step in range(4):
+        x[:, step, step:] = float("nan")  # no call that far back
+    x[3, 7, 1] = float("nan")
+    x[5, 9, 0] = float("inf")
+    rule = DecisionRule(coefficients=(2.0, 0.0), x_range=(0.0, 0.5), rel_l1_thresh=0.25, rule="teacache_drift",
+                        max_consecutive_skips=cap)
+    computed = replay(rule, x)
+    for i in range(x.shape[0]):
+        assert computed[i].tolist() == naive_drift(rule, x[i].tolist()), f"trajectory {i}"
+    runs = [len(r) for row in computed.tolist() for r in "".join("c" if c else "s" for c in row).split("c") if r]
+    assert max(runs) >= 2 and (cap is None or max(runs) <= cap)
+    assert max(runs) <= 4, "never past the recorded lags"
+    with pytest.raises(ValueError, match=r"\[trajectories, steps, lags\]"):
+        replay(rule, x[:, :, 0])
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_replay_matches_documented_rule(rule):
     gen = torch.Generator().manual_seed(0)

@@ -492,3 +492,34 @@ def test_joint_rule_makes_every_branch_follow_the_first(pipes):
     assert own["uncond"] == [True] * 6
     joint = run("teacache_joint")
     assert joint["cond"] == joint["uncond"] == own["cond"]
+
+
+def test_drift_rule_measures_against_the_last_computed_call(pipes):
+    """Inputs alternate between h and h + e. Summed per-step changes (teacache) grow by one change a per
+    step and force a compute every few steps; the change since the last computed call (teacache_drift)
+    is a or exactly 0, so it skips every step the schedule lets it."""
+    import dataclasses
+
+    pipe = pipes["flux"]
+    transformer = pipe.transformer
+    kwargs = _transformer_kwargs(pipe, "flux")
+    bump = 0.05 * torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
+
+    def run(c):
+        with TeaCache.from_coefficients(c).apply(transformer, num_inference_steps=8) as cache:
+            with torch.no_grad():
+                for step in range(8):
+                    with transformer.cache_context("cond"):
+                        transformer(**{**kwargs, "hidden_states": kwargs["hidden_states"] + (step % 2) * bump})
+        return cache.stats["cond"].trace
+
+    a = run(coefficients("flux", thresh=0.0))[1].x
+    base = coefficients("flux", thresh=2.5 * a)
+    summed = run(base)
+    assert [r.computed for r in summed] == [True, False, False, True, False, False, True, True]
+    entry = {"rel_l1_thresh": 2.5 * a, "coefficients": [1.0, 0.0], "x_range": [0.0, 10.0], "max_lag": 8}
+    drift = dataclasses.replace(base, rules={"teacache_drift": entry}, defaults=base.defaults.with_overrides(rule="teacache_drift"))
+    trace = run(drift)
+    assert [r.computed for r in trace] == [True] + [False] * 6 + [True]
+    assert [r.x for r in trace[2:7:2]] == [0.0, 0.0, 0.0]  # the input of the last computed call again
+    assert all(r.x == pytest.approx(a, rel=1e-5) for r in trace[1:7:2])
