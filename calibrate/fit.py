@@ -325,7 +325,7 @@ def drift_variant(traces: TraceSet, split: Split, settings: FitSettings) -> dict
     log.info("teacache_drift: R^2 %.3f on decision steps (held out %.3f), lags 1..%d", scores["r2"], scores["r2_heldout"], lags)
     return {
         "rel_l1_thresh": default_threshold(rows, settings.default_speedup),
-        "thresholds": [dataclasses.asdict(row) for row in rows],
+        "thresholds": [row.to_dict() for row in rows],
         "coefficients": list(fit.coefficients),
         "x_range": list(fit.x_range),
         "max_lag": lags,
@@ -401,7 +401,7 @@ def fit_traces(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients, d
         own_rows = threshold_table(traces, field, chosen, settings, rule=name, weights=weights)
         variants[name] = {
             "rel_l1_thresh": default_threshold(own_rows, settings.default_speedup),
-            "thresholds": [dataclasses.asdict(row) for row in own_rows],
+            "thresholds": [row.to_dict() for row in own_rows],
         }
     drift = drift_variant(traces, split, settings) if field == "x" else None
     if drift is not None:
@@ -471,7 +471,7 @@ def fit_pipeline(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients,
             "coefficients": list(own.coefficients),
             "x_range": list(own.x_range),
             "rel_l1_thresh": own.defaults.rel_l1_thresh,
-            "thresholds": [dataclasses.asdict(row) for row in own.thresholds],
+            "thresholds": [row.to_dict() for row in own.thresholds],
             "fit": dict(own.fit or {}),
         }
         log.info("expert %s: R^2 %.3f (held out %.3f)", name, own.fit["r2"], own.fit["r2_heldout"])
