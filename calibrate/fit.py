@@ -509,25 +509,41 @@ def closed_loop_check(coefficients: Coefficients, traces: TraceSet, model_cfg: A
     held_prompts, held_seeds = set(fit.get("heldout_prompts", [])), set(fit.get("heldout_seeds", []))
     runs = sorted({(t.prompt, t.seed) for t in traces.trajectories
                    if t.prompt in held_prompts and (not held_seeds or t.seed in held_seeds)})[:pairs]
-    candidates = [i for i, r in enumerate(coefficients.thresholds) if 0.25 <= r.computed_fraction <= 0.95]
-    picks = sorted({candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, min(rows, len(candidates)))}) if candidates else []
-    if not runs or not picks:
-        raise FitError("closed_loop found no held-out prompt x seed pair or no table row between 25% and 95% computed; record more.")
+    if not runs:
+        raise FitError("closed_loop found no held-out prompt x seed pair in the traces; record more prompts or seeds.")
     model = load_model(model_cfg, resolve_device("auto"), resolve_dtype(model_cfg.dtype))
     recipe = traces.recipe
-    table = list(coefficients.thresholds)
-    for i in picks:
-        row = table[i]
-        with TeaCache.from_coefficients(coefficients, rel_l1_thresh=row.rel_l1_thresh).apply(model.pipe) as cache:
-            for prompt, seed in runs:
-                model.generate(prompt, seed, recipe)
-        stats = cache.stats.values()
-        realized = sum(s.computed for s in stats) / max(1, sum(s.calls for s in stats))
-        table[i] = dataclasses.replace(row, realized_fraction=round(realized, 4))
-    diffs = [abs(r.realized_fraction - r.computed_fraction) for r in table if r.realized_fraction is not None]
-    report = {**fit, "closed_loop": {"pairs": len(runs), "rows": len(picks), "max_abs_diff": round(max(diffs), 4)}}
-    log.info("closed loop on %d held-out pairs: realized vs replayed computed fraction differ by at most %.3f", len(runs), max(diffs))
-    return dataclasses.replace(coefficients, thresholds=tuple(table), fit=report)
+
+    def realize(rule: str, table: list[ThresholdRow]) -> tuple[list[ThresholdRow], int]:
+        candidates = [i for i, r in enumerate(table) if 0.25 <= r.computed_fraction <= 0.95]
+        picks = sorted({candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, min(rows, len(candidates)))}) if candidates else []
+        for i in picks:
+            row = table[i]
+            with TeaCache.from_coefficients(coefficients, rule=rule, rel_l1_thresh=row.rel_l1_thresh).apply(model.pipe) as cache:
+                for prompt, seed in runs:
+                    model.generate(prompt, seed, recipe)
+            stats = cache.stats.values()
+            realized = sum(s.computed for s in stats) / max(1, sum(s.calls for s in stats))
+            table[i] = dataclasses.replace(row, realized_fraction=round(realized, 4))
+        return table, len(picks)
+
+    def max_diff(table: list[ThresholdRow]) -> float:
+        return round(max(abs(r.realized_fraction - r.computed_fraction) for r in table if r.realized_fraction is not None), 4)
+
+    table, count = realize(coefficients.defaults.rule, list(coefficients.thresholds))
+    if not count:
+        raise FitError("closed_loop found no table row between 25% and 95% computed; record more prompts or seeds.")
+    summary = {"pairs": len(runs), "rows": count, "max_abs_diff": max_diff(table), "rules": {}}
+    rules = {}
+    for name, entry in coefficients.rules.items():  # each rule variant's own table, run with that rule
+        own, own_count = realize(name, [ThresholdRow(**row) for row in entry.get("thresholds") or ()])
+        rules[name] = {**entry, "thresholds": [row.to_dict() for row in own]}
+        if own_count:
+            summary["rules"][name] = {"rows": own_count, "max_abs_diff": max_diff(own)}
+    log.info("closed loop on %d held-out pairs: realized vs replayed computed fraction differ by at most %.3f (%s)",
+             len(runs), summary["max_abs_diff"],
+             ", ".join(f"{k}: {v['max_abs_diff']:.3f}" for k, v in summary["rules"].items()) or "no rule variants")
+    return dataclasses.replace(coefficients, thresholds=tuple(table), rules=rules, fit={**fit, "closed_loop": summary})
 
 
 def decision_settings(cfg: DictConfig) -> DecisionSettings:

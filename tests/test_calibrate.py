@@ -472,6 +472,13 @@ def test_closed_loop_check_stores_realized_fractions(tmp_path, qwen_calibration)
     diffs = [abs(r.realized_fraction - r.computed_fraction) for r in realized]
     assert c.fit["closed_loop"]["max_abs_diff"] == pytest.approx(max(diffs), abs=1e-4)
     assert max(diffs) <= 0.15  # the tiny model's trajectories barely react to skipping
+    assert set(c.fit["closed_loop"]["rules"]) == {"teacache_dsigma", "teacache_joint", "teacache_drift"}
+    for name, summary in c.fit["closed_loop"]["rules"].items():  # each variant's table, run with that variant
+        rows = [r for r in c.rules[name]["thresholds"] if r.get("realized_fraction") is not None]
+        assert len(rows) == summary["rows"] >= 1
+        assert summary["max_abs_diff"] == pytest.approx(
+            max(abs(r["realized_fraction"] - r["computed_fraction"]) for r in rows), abs=1e-4)
+        assert summary["max_abs_diff"] <= 0.15
     with pytest.raises(FitError, match="closed_loop needs the traces' model"):
         fit_to(traces_path, tmp_path / "d.json", extra=["model=tiny_flux", "closed_loop=2", "plot=false"])
     with pytest.raises(FitError, match="closed_loop must be a number"):
