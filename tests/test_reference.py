@@ -81,6 +81,12 @@ def test_main_job_reproduces_the_committed_coefficients(main_job):
     shared = set(rows_new) & set(rows_old)
     assert len(shared) >= 0.8 * len(rows_old)
     assert all(abs(rows_new[t] - rows_old[t]) <= 0.02 for t in shared)
+    assert set(new["rules"]) == set(committed["rules"])
+    drift_new, drift_old = new["rules"]["teacache_drift"], committed["rules"]["teacache_drift"]
+    scale = max(abs(c) for c in drift_old["coefficients"])
+    assert np.max(np.abs(np.subtract(drift_new["coefficients"], drift_old["coefficients"]))) <= 1e-3 * scale
+    assert drift_new["max_lag"] == drift_old["max_lag"]
+    assert drift_new["fit"]["r2_heldout"] == pytest.approx(drift_old["fit"]["r2_heldout"], abs=1e-3)
 
 
 def test_reference_coefficients_drive_the_reference_pipeline(main_job):
