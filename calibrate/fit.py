@@ -476,7 +476,9 @@ def fit_pipeline(traces: TraceSet, settings: FitSettings) -> tuple[Coefficients,
         }
         log.info("expert %s: R^2 %.3f (held out %.3f)", name, own.fit["r2"], own.fit["r2_heldout"])
     provenance = {**main.provenance, "trajectories": len(traces.trajectories)}
-    return dataclasses.replace(main, experts=entries, provenance=provenance), extras
+    # The drift rule is calibrated for one transformer only (runtime.Coefficients.for_rule refuses it with experts).
+    rules = {name: entry for name, entry in main.rules.items() if name != "teacache_drift"}
+    return dataclasses.replace(main, experts=entries, provenance=provenance, rules=rules), extras
 
 
 def _rounded(value: Any, key: str | None = None) -> Any:

@@ -106,6 +106,10 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
     with TeaCache.from_coefficients(out, speedup=1.2).apply(pipe) as cache:
         generate(pipe)
     assert {key.split("/")[0] for key in cache.stats} == {"transformer", "transformer_2"}
+    # the drift rule is calibrated for one transformer only: no entry, and asking for it is refused by name
+    assert "teacache_drift" not in coefficients.rules and "teacache_joint" in coefficients.rules
+    with pytest.raises(CoefficientsError, match="teacache_drift"):
+        TeaCache.from_coefficients(out, rule="teacache_drift")
 
 
 def test_a_file_fitted_through_another_pipeline_warns(caplog):
