@@ -408,6 +408,9 @@ def run_sweep(cfg: DictConfig) -> Path:
     choice = rule_ranking(rows)
     if choice is not None:
         document["rule_ranking"] = choice
+    target = target_check(rows, coefficients.defaults.rule)
+    if target is not None:
+        document["target_check"] = target
     from runtime.coefficients import unwritable, write_atomically
 
     text = json.dumps(document, indent=1) + "\n"
@@ -444,6 +447,62 @@ def rule_ranking(rows: list[Row], fractions: tuple[float, ...] = tuple(np.linspa
     scores = {m: float(np.mean(np.interp(grid, [p[0] for p in pts], [p[1] for p in pts]))) for m, pts in curves.items()}
     best = max(scores, key=scores.get)
     return {"fractions": [float(round(f, 3)) for f in grid], "mean_psnr_db": {m: round(v, 3) for m, v in scores.items()}, "best": best}
+
+
+#: The peers the file's default rule is held against, and the margins it should keep (dB).
+PEERS = ("first_block_cache", "mag_cache", "taylorseer")
+PEER_MARGIN_DB, BOUND_GAP_DB = 1.0, 2.0
+
+
+def _curve(rows: list[Row], method: str, axis: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A method's PSNR (capped at 60 dB) against ``axis`` (computed_fraction or wall_speedup), sorted by it; with
+    several rows at one abscissa, their best PSNR. None with fewer than two distinct abscissae."""
+    best: dict[float, float] = {}
+    for r in rows:
+        if r.method == method:
+            x = float(getattr(r, axis))
+            best[x] = max(best.get(x, -np.inf), min(r.psnr, 60.0) if r.psnr is not None else 60.0)
+    if len(best) < 2:
+        return None
+    xs = np.array(sorted(best))
+    return xs, np.array([best[x] for x in xs])
+
+
+def target_check(rows: list[Row], rule: str, fractions: tuple[float, ...] = tuple(np.linspace(0.3, 0.7, 9))) -> dict[str, Any] | None:
+    """The file's default rule against the peers and the bound, as the calibration target states it: at every
+    computed fraction in [0.3, 0.7] that both curves cover (linear between settings), the rule's PSNR minus each
+    peer's (want >= 1 dB), and the search's PSNR minus the rule's (want <= 2 dB); the same against each peer at
+    matched wall-clock speedup. ``met`` is whether every margin compared holds (None: nothing to compare)."""
+    own = {axis: _curve(rows, rule, axis) for axis in ("computed_fraction", "wall_speedup")}
+    if own["computed_fraction"] is None:
+        return None
+    report: dict[str, Any] = {"rule": rule, "peer_margin_db": PEER_MARGIN_DB, "bound_gap_db": BOUND_GAP_DB}
+    held = []
+    for axis, grid_of in (("computed_fraction", lambda lo, hi: [f for f in fractions if lo - 1e-9 <= f <= hi + 1e-9]),
+                          ("wall_speedup", lambda lo, hi: list(np.linspace(lo, hi, 5)) if hi > lo else [])):
+        mine = own[axis]
+        if mine is None:
+            continue
+        section = {}
+        for other in (*PEERS, "schedule_search"):
+            theirs = _curve(rows, other, axis)
+            if theirs is None or (axis == "wall_speedup" and other == "schedule_search"):
+                continue
+            grid = grid_of(max(mine[0][0], theirs[0][0]), min(mine[0][-1], theirs[0][-1]))
+            if not grid:
+                continue
+            a, b = np.interp(grid, *mine), np.interp(grid, *theirs)
+            if other == "schedule_search":
+                gaps = b - a
+                section[other] = {"at": [round(float(g), 3) for g in grid], "gap_db": [round(float(v), 2) for v in gaps]}
+                held.append(bool(np.all(gaps <= BOUND_GAP_DB)))
+            else:
+                margins = a - b
+                section[other] = {"at": [round(float(g), 3) for g in grid], "margin_db": [round(float(v), 2) for v in margins]}
+                held.append(bool(np.all(margins >= PEER_MARGIN_DB)))
+        report[axis] = section
+    report["met"] = all(held) if held else None
+    return report
 
 
 def _write_default_rule(coefficients: Coefficients, rule: str, source: str) -> None:

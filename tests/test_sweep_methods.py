@@ -161,6 +161,33 @@ def test_pareto_front_is_sorted_and_non_dominated():
     assert pareto_front(points) == [(1.0, 50.0), (1.4, 45.0), (1.5, 40.0), (1.6, 35.0), (2.0, 30.0), (2.5, 20.0)]
 
 
+def test_target_check_interpolates_the_rule_against_peers_and_bound():
+    """Hand-made rows: the rule is 1.5 dB above FirstBlockCache at every fraction, 0.5 dB above MagCache (so the
+    target is not met), 3 dB under the search from 0.3 to 0.5; fractions outside a curve's range are left out."""
+    from calibrate.sweep import Row, target_check
+
+    def row(method, fraction, psnr, speedup):
+        return Row(method, fraction, fraction, speedup, psnr, 1.0, None, None, None, 4, 0.1)
+
+    line = lambda a, f: 20.0 + 30.0 * f + a  # noqa: E731  PSNR rising with the computed fraction
+    rows = [row("teacache", f, line(0.0, f), 2 - f) for f in (0.25, 0.45, 0.75)]  # speedup linear in f too
+    rows += [row("first_block_cache", f, line(-1.5, f), 2 - f) for f in (0.2, 0.8)]
+    rows += [row("mag_cache", f, line(-0.5, f), 2 - f) for f in (0.4, 0.6)]
+    rows += [row("schedule_search", f, line(3.0, f), 2 - f) for f in (0.3, 0.5)]
+    report = target_check(rows, "teacache")
+    fbc, mag = report["computed_fraction"]["first_block_cache"], report["computed_fraction"]["mag_cache"]
+    assert fbc["at"] == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7] and set(fbc["margin_db"]) == {1.5}
+    assert mag["at"] == [0.4, 0.45, 0.5, 0.55, 0.6] and set(mag["margin_db"]) == {0.5}
+    search = report["computed_fraction"]["schedule_search"]
+    assert search["at"] == [0.3, 0.35, 0.4, 0.45, 0.5] and set(search["gap_db"]) == {3.0}
+    assert "schedule_search" not in report["wall_speedup"] and report["wall_speedup"]["first_block_cache"]["margin_db"]
+    assert report["met"] is False
+    better = [r if r.method != "teacache" else Row(**{**r.__dict__, "psnr": r.psnr + 1.0}) for r in rows
+              if r.method != "schedule_search"]
+    assert target_check(better, "teacache")["met"] is True  # 1.5 dB over MagCache, 2.5 over FirstBlockCache
+    assert target_check(rows, "teacache_drift") is None  # no rows of that rule
+
+
 def test_sweep_rows_for_the_new_methods(tmp_path):
     cfg = compose_cfg(
         "sweep",
