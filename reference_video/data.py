@@ -24,15 +24,19 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "blue": (0.15, 0.35, 1.00),
     "yellow": (0.98, 0.90, 0.10),
 }
-#: Background colours: dark and unsaturated, so a shape's colour is never confused with them.
+#: Background colours: unsaturated, from black to light, so a shape's colour is never confused with them (each is at
+#: least 0.55 from every shape colour in RGB). Light and dark backgrounds make the latents' energy, and so the
+#: trajectory's relative change per step, depend on the content, not only on the step.
 BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "black": (0.0, 0.0, 0.0),
     "gray": (0.30, 0.30, 0.30),
     "slate": (0.12, 0.14, 0.22),
+    "white": (0.85, 0.85, 0.85),
+    "beige": (0.75, 0.68, 0.55),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 #: Half-extent in pixels of each size word.
-SIZES: dict[str, float] = {"small": 3.5, "big": 5.5}
+SIZES: dict[str, float] = {"small": 4.5, "big": 6.5}
 #: Motion word -> velocity in pixels per frame (dx, dy); "growing" scales the shape instead.
 MOTIONS: dict[str, tuple[float, float]] = {
     "moving left": (-1.5, 0.0),
@@ -43,7 +47,7 @@ MOTIONS: dict[str, tuple[float, float]] = {
     "growing": (0.0, 0.0),
 }
 #: Growth of the half-extent over the clip for "growing" (first frame -> last frame).
-GROW_FROM, GROW_TO = 2.5, 6.5
+GROW_FROM, GROW_TO = 3.0, 7.5
 #: Colour x shape pairs never drawn in training; the held-out prompt set uses them.
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 
@@ -123,7 +127,7 @@ def sample_scene(rng: np.random.Generator, heldout: bool = False, max_shapes: in
     n = int(rng.integers(1, max_shapes + 1))
     shapes = [sample_shape(rng, heldout=heldout)]
     for _ in range(n - 1):
-        for _attempt in range(20):
+        for _attempt in range(60):
             cand = sample_shape(rng, exclude_colors=tuple(s.color for s in shapes))
             if all(_separated(cand, s) for s in shapes):
                 shapes.append(cand)

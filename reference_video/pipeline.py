@@ -59,7 +59,7 @@ def load_video_pipeline(
         if not (path / part).exists():
             raise VideoWeightsMissingError(
                 f"The video reference model's weights are missing at {path} (no {part}); produce them with "
-                "`python -m reference_video.train --seed 0` (under an hour on one CPU thread)."
+                "`python -m reference_video.train --seed 0` (under an hour on a 2-core CPU)."
             )
     pipe = WanPipeline.from_pretrained(path, text_encoder=None, tokenizer=None, dtype=dtype, local_files_only=True)
     pipe.to(device)

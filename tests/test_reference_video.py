@@ -87,8 +87,8 @@ def test_missing_weights_are_one_sentence(tmp_path):
 
 
 def test_trained_model_draws_the_colours_heldout_prompts_name(video_model):
-    """The shipped weights are under-trained (1,000 transformer steps): few clips pass every check, but the named
-    colours are there far more often than another prompt's (measured 0.50 against 0.20 on these 16 clips)."""
+    """The shipped weights draw the named colours (measured on these 16 clips: every object's colour, against 0.60
+    for shuffled prompts) and some whole clips pass (0.125, none shuffled); shapes and motions are mostly wrong."""
     pipe, encoder = video_model
     assert type(pipe).__name__ == "WanPipeline" and type(pipe.transformer).__name__ == "WanTransformer3DModel"
     assert type(pipe.vae).__name__ == "AutoencoderKLWan"
@@ -96,7 +96,8 @@ def test_trained_model_draws_the_colours_heldout_prompts_name(video_model):
     clips = generate(pipe, encoder, prompts, seed=7)
     assert clips.shape == (16, RECIPE["num_frames"], 32, 32, 3)
     rates, control = attribute_rates(clips, prompts), attribute_rates(clips, shuffled(prompts))
-    assert rates["objects_present"] >= 0.4 and rates["objects_present"] >= control["objects_present"] + 0.15
+    assert rates["objects_present"] >= 0.85 and rates["objects_present"] >= control["objects_present"] + 0.25
+    assert rates["clips_passing"] > control["clips_passing"]
 
 
 def test_record_fit_and_runtime_on_the_video_model(video_model, tmp_path):
