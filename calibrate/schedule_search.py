@@ -11,7 +11,8 @@ steps to skip (``acc + 0 < 0.5``).
 
 :func:`search_schedules` finds, for one output and each budget (number of computed steps), the schedule
 with the smallest error of the final output against full compute: the start is the better of the uniform
-schedule and (``greedy``) the previous, larger budget's result thinned by greedy elimination; then
+schedule and (``greedy``) the previous, larger budget's result thinned by greedy elimination (for the
+largest budget, all steps thinned); then
 first-improvement local moves (one computed step moved to a free step at most ``radius`` away), at most
 ``passes`` passes. Every candidate is a real generation; results are memoised per schedule. The search
 never returns a schedule worse than the uniform one it starts from.
@@ -156,7 +157,10 @@ def search_schedules(
         return cache[steps]
 
     results: dict[int, SearchResult] = {}
-    previous: Schedule | None = None
+    # The largest budget is thinned from every step: greedy elimination finds late-dense schedules that local
+    # moves around the uniform one cannot reach (on the video reference model a calibrated rule beat a search
+    # that started from uniform alone by up to 1 dB at 0.65-0.7 computed).
+    previous: Schedule | None = frozenset(range(num_steps)) if greedy else None
     for computed in sorted(set(budgets), reverse=True):
         before = cost.evaluations
         uniform = uniform_schedule(num_steps, computed)
