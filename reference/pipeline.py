@@ -51,6 +51,18 @@ def _check_weights(path: Path) -> None:
         )
 
 
+def load_offline(pipeline_cls: type, encoder_cls: type, path: Path, device: torch.device | str, dtype: torch.dtype):
+    """A trained reference pipeline without text encoder and tokenizer, and its prompt encoder (in
+    ``path / "prompt_encoder"``), from local files only, on ``device``; the progress bar off, the encoder in eval
+    mode. Both reference models load through it."""
+    pipe = pipeline_cls.from_pretrained(path, text_encoder=None, tokenizer=None, dtype=dtype, local_files_only=True)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = encoder_cls.from_pretrained(path / "prompt_encoder", dtype=dtype, local_files_only=True)
+    encoder.to(device).eval()
+    return pipe, encoder
+
+
 def load_reference_pipeline(
     path: str | Path | None = None,
     device: torch.device | str = "cpu",
@@ -68,14 +80,7 @@ def load_reference_pipeline(
     """
     path = Path(path) if path is not None else DEFAULT_WEIGHTS_DIR
     _check_weights(path)
-    pipe = QwenImagePipeline.from_pretrained(
-        path, text_encoder=None, tokenizer=None, dtype=dtype, local_files_only=True
-    )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    encoder = PromptEncoder.from_pretrained(path / "prompt_encoder", dtype=dtype, local_files_only=True)
-    encoder.to(device).eval()
-    return pipe, encoder
+    return load_offline(QwenImagePipeline, PromptEncoder, path, device, dtype)
 
 
 def reference_prompt_kwargs(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from diffusers import WanPipeline
 
+from reference.pipeline import load_offline
 from reference_video.prompt_encoder import ShapesPromptEncoder
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -61,12 +62,7 @@ def load_video_pipeline(
                 f"The video reference model's weights are missing at {path} (no {part}); produce them with "
                 "`python -m reference_video.train --seed 0` (under an hour on a 2-core CPU)."
             )
-    pipe = WanPipeline.from_pretrained(path, text_encoder=None, tokenizer=None, dtype=dtype, local_files_only=True)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    encoder = ShapesPromptEncoder.from_pretrained(path / "prompt_encoder", dtype=dtype, local_files_only=True)
-    encoder.to(device).eval()
-    return pipe, encoder
+    return load_offline(WanPipeline, ShapesPromptEncoder, path, device, dtype)
 
 
 def video_prompt_kwargs(
