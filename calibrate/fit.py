@@ -90,10 +90,7 @@ class FitSettings:
             step_weights=weights,
         )
         decision = self.decision.with_overrides(rel_l1_thresh=rel_l1_thresh, rule=rule)
-        if max_lag is not None:
-            cap = decision.max_consecutive_skips
-            decision = decision.with_overrides(max_consecutive_skips=max_lag if cap is None else min(cap, max_lag))
-        return DecisionRule.of(polynomial, decision)
+        return DecisionRule.of(polynomial, decision if max_lag is None else decision.capped(max_lag))
 
 
 @dataclass

@@ -158,14 +158,12 @@ class Coefficients:
             thresholds=tuple(ThresholdRow(**row) for row in entry.get("thresholds") or ()),
         )
         if "coefficients" in entry:  # a rule with its own polynomial (teacache_drift: lagged pairs)
-            cap, lag = defaults.max_consecutive_skips, entry.get("max_lag")
-            if lag is not None:  # skips in a row beyond the longest recorded lag were never replayed
-                cap = lag if cap is None else min(cap, lag)
+            lag = entry.get("max_lag")
             out = dataclasses.replace(
                 out,
                 coefficients=tuple(float(c) for c in entry["coefficients"]),
                 x_range=tuple(float(v) for v in entry["x_range"]),
-                defaults=out.defaults.with_overrides(max_consecutive_skips=cap),
+                defaults=out.defaults if lag is None else out.defaults.capped(lag),
             )
         return out
 

@@ -55,6 +55,12 @@ class DecisionSettings:
         given = {k: v for k, v in overrides.items() if v is not None or k == "max_consecutive_skips"}
         return dataclasses.replace(self, **given)
 
+    def capped(self, max_skips: int) -> "DecisionSettings":
+        """These settings with skips in a row capped at ``max_skips`` as well (the drift rule's longest recorded
+        lag: the fit's replay never saw a longer one)."""
+        cap = self.max_consecutive_skips
+        return self.with_overrides(max_consecutive_skips=max_skips if cap is None else min(cap, max_skips))
+
     def to_dict(self) -> dict[str, Any]:
         """The file's ``defaults`` object (``rule`` left out when it is the upstream rule, as old files)."""
         out = dataclasses.asdict(self)
