@@ -357,11 +357,7 @@ def train_transformer(
                 return_dict=False,
             )[0]
             loss = F.mse_loss(v_pred, noise - x0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-            optimizer.step()
-            ema_update(ema, models, step, cfg.ema_decay)
+            flow_matching_step(loss, optimizer, models, ema, step, cfg.ema_decay)
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -379,6 +375,17 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, max_decay: float) ->
     with torch.no_grad():
         for p_ema, p in zip(ema.parameters(), model.parameters()):
             p_ema.lerp_(p, 1.0 - decay)
+
+
+def flow_matching_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, models: nn.Module, ema: nn.Module,
+                       step: int, ema_decay: float) -> None:
+    """One update of the transformer and prompt encoder (``models``): backward, gradients clipped at norm 1, the
+    optimizer's step, then the EMA (both reference models train their transformers with it)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+    optimizer.step()
+    ema_update(ema, models, step, ema_decay)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from torch import nn
 
-from reference.train import ema_update, loss_figure, lr_at
+from reference.train import flow_matching_step, loss_figure, lr_at
 from reference_video.data import NUM_FRAMES, batches, render, scene_prompt
 from reference_video.prompt_encoder import ShapesPromptEncoder, ShapesTokenizer
 
@@ -260,11 +260,7 @@ def train_transformer(cfg, vae, mean, std, prompts, out: Path):
         v = transformer(hidden_states=x_sigma, timestep=sigma * 1000, encoder_hidden_states=encoder(ids, mask),
                         return_dict=False)[0]
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, models, step, cfg.ema_decay)
+        flow_matching_step(loss, opt, models, ema, step, cfg.ema_decay)
         losses.append(loss.item())
         if step % 50 == 0:
             print(f"step {step} loss {np.mean(losses[-50:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
