@@ -242,11 +242,6 @@ def port_warnings(c: "Coefficients", fmt: str, rel_l1_thresh: float) -> list[str
         )
     if c.defaults.max_consecutive_skips is not None:
         out.append(f"{port} has no cap on consecutive skips; max_consecutive_skips={c.defaults.max_consecutive_skips} is lost.")
-    if c.defaults.rule != "teacache":
-        out.append(
-            f"this file's rule is {c.defaults.rule}, which {port} does not run: the port runs the upstream "
-            "accumulate-and-threshold rule with these numbers (export the file with rule teacache to match it)."
-        )
     if c.signal == "timestep_embedding":
         out.append(
             f"x is the rel-L1 change of the timestep embedding; use these numbers only where {port} measures that "
@@ -306,14 +301,23 @@ def comfyui_window(c: "Coefficients") -> tuple[float, float]:
 
 
 def export_coefficients(c: "Coefficients", fmt: str, *, rel_l1_thresh: float | None = None, name: str | None = None) -> Exported:
-    """The text of ``c`` in ``fmt``; ``rel_l1_thresh`` None takes the file's default threshold."""
+    """The text of ``c`` in ``fmt``; ``rel_l1_thresh`` None takes the file's default threshold of the upstream
+    rule (the ports run no other: a file whose default is another rule is exported as the upstream rule sees it)."""
     check_format(fmt)
+    default_rule = c.defaults.rule
+    if default_rule != "teacache":
+        c = c.for_rule("teacache")  # its own threshold (rules.teacache) and table, not the other rule's
     thresh = c.defaults.rel_l1_thresh if rel_l1_thresh is None else rel_l1_thresh
     if not isinstance(thresh, (int, float)) or isinstance(thresh, bool) or not math.isfinite(thresh) or thresh < 0:
         raise ExportError(f"rel_l1_thresh must be a finite number >= 0, got {thresh!r}.")
     thresh = float(thresh)
     degree = len(c.coefficients) - 1
     warnings = port_warnings(c, fmt, thresh)
+    if default_rule != "teacache":
+        warnings.append(
+            f"this file's default rule is {default_rule}, which {PORT_NAMES[fmt]} does not run: exported is the upstream "
+            "accumulate-and-threshold rule, with its own default threshold."
+        )
 
     if fmt == "teacache":
         header = _snippet_header(c, fmt, warnings, [

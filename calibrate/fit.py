@@ -10,7 +10,10 @@ With no arguments it fits what ``python -m calibrate.record`` with no arguments 
 4. replay the runtime's decision rule (``runtime.replay``) on every trajectory over a grid of
    thresholds: the threshold table, and the default threshold (the smallest one whose mean computed
    fraction reaches ``1 / default_speedup``);
-5. write the coefficients file through the runtime's schema, and a PNG beside it.
+5. with ``search=N`` (and ``model=``), the ``searched_schedule`` rule: per budget, the one schedule whose real
+   generations of N training prompt x seed pairs come closest to full compute;
+6. with ``closed_loop=N``, the runtime run on N held-out pairs at the tables' thresholds (realized fractions);
+7. write the coefficients file through the runtime's schema, and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from runtime.coefficients import Coefficients, ThresholdRow, save_coefficients, threshold_reaching
 from runtime.settings import DecisionSettings
@@ -491,26 +495,124 @@ def _rounded(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def closed_loop_check(coefficients: Coefficients, traces: TraceSet, model_cfg: Any, pairs: int, rows: int = 8) -> Coefficients:
+def load_traced_model(traces: TraceSet, model_cfg: Any, option: str) -> Any:
+    """The pipeline the traces were recorded from (``option`` names the setting that needs it, for the error)."""
+    from .models import load_model, resolve_device, resolve_dtype
+
+    if model_cfg.name != traces.model:
+        raise FitError(
+            f"{option} needs the traces' model, but model={model_cfg.name} was given for traces of {traces.model}; "
+            f"pass model={traces.model}."
+        )
+    return load_model(model_cfg, resolve_device("auto"), resolve_dtype(model_cfg.dtype))
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """``search=N``: the searched_schedule rule's search over real generations of N training pairs."""
+
+    pairs: int
+    budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    passes: int = 1
+    radius: int = 1
+
+    def __post_init__(self) -> None:
+        for name, low in (("pairs", 0), ("passes", 0), ("radius", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise FitError(f"search{'' if name == 'pairs' else '_' + name} must be an integer >= {low}, got {value!r}.")
+        if not self.budgets or any(
+            not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b < 1 for b in self.budgets
+        ):
+            raise FitError(
+                f"search_budgets must list computed fractions in (0, 1), got {list(self.budgets)!r}; pass e.g. "
+                "search_budgets=[0.3,0.5,0.7]."
+            )
+
+
+def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int) -> list[tuple[str, int]]:
+    """``count`` (prompt, seed) pairs of the fit's training split, spread evenly over its sorted pairs."""
+    fit = coefficients.fit or {}
+    held_prompts, held_seeds = set(fit.get("heldout_prompts", [])), set(fit.get("heldout_seeds", []))
+    pairs = sorted({(t.prompt, t.seed) for t in traces.trajectories if t.prompt not in held_prompts and t.seed not in held_seeds})
+    if not pairs:
+        raise FitError("search found no training prompt x seed pair in the traces; record more prompts or seeds.")
+    picks = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).round().astype(int))
+    return [pairs[i] for i in picks]
+
+
+def searched_variant(
+    coefficients: Coefficients, traces: TraceSet, model: Any, search: SearchSettings, speedup: float = 1.5
+) -> Coefficients:
+    """The ``searched_schedule`` rule: at each budget, the one schedule (both CFG branches alike) whose real
+    generations on training prompt x seed pairs come closest to full compute (mean of log MSE over the pairs,
+    so each pair counts alike), found by :func:`calibrate.schedule_search.search_schedules` as the per-output
+    bound is. Step 0 is in every schedule; the search decides every other step, the last included (the rule
+    has no warm-up or final steps of its own). In the file: one threshold row per budget, its
+    ``rel_l1_thresh`` the fraction of steps skipped, and the schedule beside it; the default is the row
+    ``speedup`` picks."""
+    from .models import output_array
+    from .schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+
+    recipe, n = traces.recipe, traces.recipe.num_inference_steps
+    counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
+    if not counts:
+        raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
+    pairs = training_pairs(traces, coefficients, search.pairs)
+    def output(prompt: str, seed: int) -> np.ndarray:
+        return output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
+
+    fulls = [output(p, s) for p, s in pairs]
+    current: dict[str, frozenset] = {"steps": frozenset(range(n))}
+    bar = tqdm(desc=f"searched_schedule ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
+
+    def error(steps: frozenset) -> float:
+        current["steps"] = steps
+        logs = [np.log10(max(float(np.mean((output(p, s) - full) ** 2)), 1e-12)) for (p, s), full in zip(pairs, fulls)]
+        bar.update()
+        return float(np.mean(logs))
+
+    scheduler = model.pipe.scheduler
+    with bar, forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+        results, cost = search_schedules(error, n, counts, passes=search.passes, radius=search.radius, greedy=True)
+    ordered = [results[k] for k in sorted(results, reverse=True)]  # most steps first: thresholds increase
+    rows = [ThresholdRow(round(1 - r.computed / n, 4), round(r.computed / n, 4)) for r in ordered]
+    report = {
+        "pairs": [{"prompt": p, "seed": s} for p, s in pairs],
+        "objective": "mean over the pairs of log10 MSE of the output against full compute",
+        "psnr": [round(-10 * r.error, 3) for r in ordered],
+        "uniform_psnr": [round(-10 * r.uniform_error, 3) for r in ordered],
+        "start": [r.start for r in ordered],
+        "passes": search.passes,
+        "radius": search.radius,
+        "evaluations": cost.evaluations,
+        "generations": cost.evaluations * len(pairs),
+        "seconds": round(cost.seconds, 1),
+    }
+    log.info("searched_schedule: %d schedules over %d training pairs, %d generations in %.0f s (PSNR on them %s; uniform %s)",
+             len(rows), len(pairs), report["generations"], cost.seconds, report["psnr"], report["uniform_psnr"])
+    entry = {
+        "rel_l1_thresh": default_threshold(rows, speedup),
+        "thresholds": [row.to_dict() for row in rows],
+        "schedules": [sorted(r.steps) for r in ordered],
+        "num_steps": n,
+        "fit": report,
+    }
+    return dataclasses.replace(coefficients, rules={**coefficients.rules, "searched_schedule": entry})
+
+
+def closed_loop_check(coefficients: Coefficients, traces: TraceSet, model: Any, pairs: int, rows: int = 8) -> Coefficients:
     """Run the runtime on held-out prompt x seed pairs at the table's thresholds (up to ``rows`` of them,
     25-95% computed) and store each realized computed fraction beside the replayed one: at run time
     skipping changes the trajectory, which a replay of full-compute traces cannot see."""
     from runtime import TeaCache
 
-    from .models import load_model, resolve_device, resolve_dtype
-
-    if model_cfg.name != traces.model:
-        raise FitError(
-            f"closed_loop needs the traces' model, but model={model_cfg.name} was given for traces of {traces.model}; "
-            f"pass model={traces.model}."
-        )
     fit = coefficients.fit or {}
     held_prompts, held_seeds = set(fit.get("heldout_prompts", [])), set(fit.get("heldout_seeds", []))
     runs = sorted({(t.prompt, t.seed) for t in traces.trajectories
                    if t.prompt in held_prompts and (not held_seeds or t.seed in held_seeds)})[:pairs]
     if not runs:
         raise FitError("closed_loop found no held-out prompt x seed pair in the traces; record more prompts or seeds.")
-    model = load_model(model_cfg, resolve_device("auto"), resolve_dtype(model_cfg.dtype))
     recipe = traces.recipe
 
     def realize(rule: str, table: list[ThresholdRow]) -> tuple[list[ThresholdRow], int]:
@@ -564,6 +666,12 @@ def run_fit(cfg: DictConfig) -> Path:
     closed_loop = cfg.get("closed_loop", 0)
     if not isinstance(closed_loop, int) or isinstance(closed_loop, bool) or closed_loop < 0:
         raise FitError(f"closed_loop must be a number of held-out prompt x seed pairs >= 0 (0: off), got {closed_loop!r}.")
+    search = SearchSettings(
+        pairs=cfg.get("search", 0),
+        budgets=tuple(cfg.get("search_budgets") or ()),
+        passes=cfg.get("search_passes", 1),
+        radius=cfg.get("search_radius", 1),
+    )
     settings = FitSettings(
         degree=cfg.degree,
         method=cfg.method,
@@ -586,8 +694,12 @@ def run_fit(cfg: DictConfig) -> Path:
     if not cfg.out:
         _check_outputs(out, cfg.plot)
     coefficients, extras = fit_pipeline(traces, settings)
-    if closed_loop:
-        coefficients = closed_loop_check(coefficients, traces, cfg.model, closed_loop)
+    if search.pairs or closed_loop:
+        model = load_traced_model(traces, cfg.model, "search" if search.pairs else "closed_loop")
+        if search.pairs:
+            coefficients = searched_variant(coefficients, traces, model, search, settings.default_speedup)
+        if closed_loop:
+            coefficients = closed_loop_check(coefficients, traces, model, closed_loop)
     png, staged = out.with_suffix(".png"), None
     if cfg.plot:  # rendered first, so that a failure leaves both files as they were
         from .plots import fit_figure, stage_figure

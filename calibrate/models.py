@@ -17,12 +17,19 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
 from runtime.errors import TeaCacheError
 
 from .recipe import Recipe
+
+
+def output_array(output: Any) -> np.ndarray:
+    """The first image (or video) of a pipeline output made with ``output_type="np"``, float32."""
+    array = output.frames if hasattr(output, "frames") else output.images
+    return np.asarray(array[0], dtype=np.float32)
 
 
 class ModelLoadError(TeaCacheError):

@@ -107,6 +107,7 @@ _STYLES = {
     "teacache_joint": ("tab:purple", "o", "TeaCache, branches joint"),
     "teacache_drift": ("tab:pink", "o", "TeaCache, drift since last compute"),
     "fixed_schedule": ("tab:olive", "P", "fixed schedule (from traces)"),
+    "searched_schedule": ("darkgreen", "*", "searched schedule (calibrated on training outputs)"),
     "uniform": ("tab:gray", "x", "uniform schedule"),
     "schedule_search": ("tab:red", "*", "schedule search (bound)"),
 }

@@ -123,10 +123,13 @@ def replay_table(c: "Coefficients", traces: "TraceSet", field: str, thresholds: 
 
 
 def score(c: "Coefficients", traces: "TraceSet", settings: ScoreSettings = ScoreSettings()) -> dict[str, Any]:
-    """The whole score as a JSON-ready dict (plus ``_points`` for the plot)."""
+    """The whole score as a JSON-ready dict (plus ``_points`` for the plot). The polynomial is scored as the
+    upstream rule runs it (with its own default threshold where the file's default is another rule)."""
     import numpy as np
 
     from .fitting import threshold_grid
+
+    c = c.for_rule("teacache") if c.defaults.rule != "teacache" else c
 
     if traces.transformer_class != c.transformer_class:
         raise ScoreError(

@@ -11,6 +11,8 @@ On prompts and seeds the fit never saw, side by side in one run:
   measured in full compute instead of the fitted polynomial;
 - ``taylorseer``: diffusers' TaylorSeer (``TaylorSeerCacheConfig``: attention outputs predicted by a Taylor
   expansion between full steps) over its ``cache_interval`` grid (1 computes every step);
+- the rule variants (``teacache_dsigma``, ``teacache_joint``, ``teacache_drift``, ``fixed_schedule``,
+  ``searched_schedule``), each from the same file over its own calibrated table;
 - ``uniform``: a fixed schedule, the same for every output: at each budget (a computed fraction) that many
   steps spread evenly, forced through our runtime. The simplest content-independent control;
 - ``schedule_search``: per output and budget, the schedule (which steps to compute) with the smallest
@@ -64,11 +66,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = (
-    "full", "teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "oracle", "first_block_cache", "mag_cache",
+    "full", "teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "searched_schedule", "oracle",
+    "first_block_cache", "mag_cache",
     "taylorseer", "uniform", "schedule_search",
 )
 #: The runtime's rule variants, each run from the same file with its own calibrated table (runtime.rules).
-RULE_VARIANTS = ("teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule")
+RULE_VARIANTS = ("teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "searched_schedule")
 #: Methods whose setting is a budget (computed fraction) from ``budgets``, not a threshold.
 BUDGETED = ("uniform", "schedule_search")
 
@@ -171,11 +174,6 @@ def magcache_ratios(model: LoadedModel, recipe: Recipe, prompt: str, seed: int) 
     return lists[0]
 
 
-def _images(output: Any) -> np.ndarray:
-    array = output.frames if hasattr(output, "frames") else output.images
-    return np.asarray(array[0], dtype=np.float32)
-
-
 def held_out_work(cfg: DictConfig, coefficients: Coefficients) -> list[tuple[str, int]]:
     """(prompt, seed) pairs of the sweep: prompts the fit's traces never held, seeds they never used."""
     seen_prompts: set[str] = set()
@@ -223,8 +221,8 @@ def method_applied(
         scheduler = model.pipe.scheduler
         with forced_schedule(transformer, change, lambda: len(scheduler.timesteps)):
             yield
-    elif method == "teacache":
-        with TeaCache.from_coefficients(coefficients, rel_l1_thresh=setting).apply(model.pipe):
+    elif method == "teacache":  # the upstream rule, whichever rule is the file's default
+        with TeaCache.from_coefficients(coefficients, rule="teacache", rel_l1_thresh=setting).apply(model.pipe):
             yield
     elif method in RULE_VARIANTS:
         with TeaCache.from_coefficients(coefficients, rule=method, rel_l1_thresh=setting).apply(model.pipe):
@@ -291,7 +289,7 @@ def run_sweep(cfg: DictConfig) -> Path:
     import torch  # and diffusers with the models: only now, after the checks above
 
     from .metrics import Lpips, Perceptual, psnr, ssim
-    from .models import load_model, resolve_device, resolve_dtype
+    from .models import load_model, output_array, resolve_device, resolve_dtype
     from .recorder import TraceRecorder
 
     device = resolve_device(cfg.device)
@@ -305,7 +303,7 @@ def run_sweep(cfg: DictConfig) -> Path:
         if method in ("teacache", "oracle"):
             grid = teacache_thresholds(coefficients, cfg.teacache_points)
         elif method == "fixed_schedule":
-            grid = [coefficients.defaults.rel_l1_thresh]  # one schedule: the steps the default threshold computes
+            grid = [coefficients.for_rule("teacache").defaults.rel_l1_thresh]  # one schedule: what that threshold computes
         elif method in RULE_VARIANTS:
             grid = teacache_thresholds(coefficients.for_rule(method), cfg.teacache_points)[1:]  # 0 is teacache's
         elif method in BUDGETED:
@@ -330,7 +328,7 @@ def run_sweep(cfg: DictConfig) -> Path:
         images = []
         for prompt, seed in work:
             extras["current"]["key"] = (prompt, seed)
-            images.append(_images(model.generate(prompt, seed, recipe, output_type="np")))
+            images.append(output_array(model.generate(prompt, seed, recipe, output_type="np")))
         return images
 
     def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -408,7 +406,9 @@ def run_sweep(cfg: DictConfig) -> Path:
     choice = rule_ranking(rows)
     if choice is not None:
         document["rule_ranking"] = choice
-    target = target_check(rows, coefficients.defaults.rule)
+    # the default rule the file has after this run (choose_rule=true writes the ranking's best)
+    default_rule = choice["best"] if cfg.get("choose_rule") and choice is not None else coefficients.defaults.rule
+    target = target_check(rows, default_rule)
     if target is not None:
         document["target_check"] = target
     from runtime.coefficients import unwritable, write_atomically
@@ -513,7 +513,10 @@ def _write_default_rule(coefficients: Coefficients, rule: str, source: str) -> N
     import dataclasses
 
     chosen = coefficients.for_rule(rule)
-    save_coefficients(dataclasses.replace(coefficients, defaults=chosen.defaults), path)
+    rules = dict(coefficients.rules)
+    if coefficients.defaults.rule == "teacache" and rule != "teacache":  # keep the upstream rule's own threshold
+        rules["teacache"] = {"rel_l1_thresh": coefficients.defaults.rel_l1_thresh}
+    save_coefficients(dataclasses.replace(coefficients, defaults=chosen.defaults, rules=rules), path)
     log.info("%s: default rule is now %s (rel_l1_thresh %s), chosen by held-out PSNR", path, rule, chosen.defaults.rel_l1_thresh)
 
 
@@ -569,6 +572,7 @@ def search_all(
 ) -> tuple[dict[tuple[str, int], dict[float, frozenset]], dict[str, Any]]:
     """The schedule search for every output: ``{(prompt, seed): {budget: steps}}`` and the report for
     sweep.json (settings, cost, and per output and budget the schedule and its gain over uniform)."""
+    from .models import output_array
     from .schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
 
     steps = recipe.num_inference_steps
@@ -578,11 +582,11 @@ def search_all(
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
     per_output, evaluations, seconds = [], 0, 0.0
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
-        full = _images(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
+        full = output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
 
         def error(candidate: frozenset) -> float:
             current["steps"] = candidate
-            return float(np.mean((_images(model.generate(prompt, seed, recipe, output_type="np")) - full) ** 2))
+            return float(np.mean((output_array(model.generate(prompt, seed, recipe, output_type="np")) - full) ** 2))
 
         with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
             results, cost = search_schedules(

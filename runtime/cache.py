@@ -63,6 +63,12 @@ class TeaCache:
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
         rule = overrides.pop("rule", None) or coefficients.defaults.rule
+        ignored = sorted(k for k in ("warmup_steps", "final_steps", "max_consecutive_skips") if k in overrides)
+        if rule == "searched_schedule" and ignored:
+            raise ConfigError(
+                f"the searched_schedule rule computes exactly its searched steps, so {', '.join(ignored)} does not "
+                "apply to it; pick a schedule with speedup= (or rel_l1_thresh=, the fraction of steps skipped)."
+            )
         if rule != coefficients.defaults.rule or rule in coefficients.rules:
             coefficients = coefficients.for_rule(rule)  # that rule's own default threshold and table
         if speedup is not None:

@@ -93,7 +93,7 @@ class Coefficients:
     experts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     rules: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other rules' threshold and table
     step_weights: tuple[float, ...] | None = None  # teacache_dsigma: per step, the sigma step over its mean
-    schedule: tuple[int, ...] | None = None  # fixed_schedule: the steps to compute
+    schedule: tuple[int, ...] | None = None  # fixed_schedule: the steps to compute (searched_schedule: in rules)
     origin: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -150,12 +150,19 @@ class Coefficients:
                     f"{self.origin} holds several experts ({', '.join(self.expert_names)}), and the drift rule is "
                     "calibrated for one transformer only; use rule='teacache' (or teacache_dsigma, teacache_joint)."
                 )
+        if rule == "searched_schedule" and (entry is None or "schedules" not in entry):
+            raise CoefficientsError(
+                f"{self.origin} has no searched schedules (rules.searched_schedule); calibrate them with "
+                f"`python -m calibrate.fit model={self.model} search=8` (a search over real generations of 8 "
+                "training prompt x seed pairs)."
+            )
         if entry is None:
             return dataclasses.replace(self, defaults=defaults)
         out = dataclasses.replace(
             self,
             defaults=defaults.with_overrides(rel_l1_thresh=entry["rel_l1_thresh"]),
-            thresholds=tuple(ThresholdRow(**row) for row in entry.get("thresholds") or ()),
+            # rules.teacache (written when another rule became the default) holds the threshold only
+            thresholds=tuple(ThresholdRow(**row) for row in entry["thresholds"]) if "thresholds" in entry else self.thresholds,
         )
         if "coefficients" in entry:  # a rule with its own polynomial (teacache_drift: lagged pairs)
             lag = entry.get("max_lag")
@@ -166,6 +173,19 @@ class Coefficients:
                 defaults=out.defaults if lag is None else out.defaults.capped(lag),
             )
         return out
+
+    def searched_schedule(self, rel_l1_thresh: float) -> tuple[int, ...]:
+        """The ``searched_schedule`` rule's steps at a threshold, which for this rule is the fraction of steps
+        skipped: the searched schedule that skips the most without skipping more than ``rel_l1_thresh`` (every
+        step below the table's first row: 0 never skips)."""
+        entry = self.rules.get("searched_schedule")
+        if entry is None or "schedules" not in entry:
+            self.for_rule("searched_schedule")  # raises, naming the fix
+        chosen: tuple[int, ...] = tuple(range(int(entry["num_steps"])))
+        for row, steps in zip(entry["thresholds"], entry["schedules"]):
+            if row["rel_l1_thresh"] <= rel_l1_thresh + 1e-9:
+                chosen = tuple(steps)
+        return chosen
 
     def for_expert(self, name: str) -> "Coefficients":
         """The file as seen by one expert: its own polynomial, x range, table and default threshold."""
@@ -545,15 +565,22 @@ def _validate(data: Any, origin: str) -> None:
     drift = rules.get("teacache_drift") if isinstance(rules, dict) else None
     if rule == "teacache_drift" and not (isinstance(drift, dict) and "coefficients" in drift):
         raise _fail(origin, "rules.teacache_drift", "needs its own polynomial for rule teacache_drift", refit)
+    searched = rules.get("searched_schedule") if isinstance(rules, dict) else None
+    if rule == "searched_schedule" and not (isinstance(searched, dict) and "schedules" in searched):
+        raise _fail(origin, "rules.searched_schedule", "needs its schedules for rule searched_schedule", refit)
     if rules is not None:
         if not isinstance(rules, dict):
             raise _fail(origin, "rules", "must be an object {rule: {rel_l1_thresh, thresholds}}", refit)
         for name, entry in rules.items():
             where = f"rules.{name}"
-            if name not in RULES or name in ("teacache", "fixed_schedule"):
-                raise _fail(origin, where, f"is not a thresholded rule variant ({', '.join(r for r in RULES if r not in ('teacache', 'fixed_schedule'))})", refit)
+            if name not in RULES or name == "fixed_schedule":
+                raise _fail(origin, where, f"is not a thresholded rule ({', '.join(r for r in RULES if r != 'fixed_schedule')})", refit)
             own = name == "teacache_drift"  # a rule with its own polynomial
             keys = {"rel_l1_thresh", "thresholds"} | ({"coefficients", "x_range", "max_lag", "fit"} if own else set())
+            if name == "teacache":  # the upstream rule's default threshold while another rule is the default
+                keys = {"rel_l1_thresh"}
+            if name == "searched_schedule":
+                keys |= {"schedules", "num_steps", "fit"}
             if not isinstance(entry, dict) or "rel_l1_thresh" not in entry or set(entry) - keys:
                 raise _fail(origin, where, f"must be an object with rel_l1_thresh and optional {', '.join(sorted(keys - {'rel_l1_thresh'}))}", refit)
             if own and ("coefficients" in entry) != ("x_range" in entry):
@@ -567,6 +594,8 @@ def _validate(data: Any, origin: str) -> None:
             except ConfigError as exc:
                 raise CoefficientsError(str(exc)) from None
             _validate_thresholds(entry.get("thresholds"), origin, f"{where}.thresholds")
+            if name == "searched_schedule":
+                _validate_searched(entry, origin, where)
 
     experts = data.get("experts")
     if experts is not None:
@@ -637,6 +666,25 @@ def _validate_polynomial(data: dict, origin: str, prefix: str, calibrated: bool)
             f"is {_short(x_range)}, not finite float32 numbers (<= 3.4e38) as the runtime compares x in float32",
             refit,
         )
+
+
+def _validate_searched(entry: dict, origin: str, where: str) -> None:
+    """``rules.searched_schedule``: ``num_steps`` and one schedule (distinct steps in range, step 0 among them)
+    per threshold row, as many steps as the row's computed fraction says."""
+    refit = "re-create it with `python -m calibrate.fit search=N`"
+    n, schedules, rows = entry.get("num_steps"), entry.get("schedules"), entry.get("thresholds") or []
+    if not _is_int(n) or n < 1:
+        raise _fail(origin, f"{where}.num_steps", f"must be the recipe's step count (an integer >= 1), got {_short(n)}", refit)
+    if not isinstance(schedules, list) or len(schedules) != len(rows):
+        raise _fail(origin, f"{where}.schedules", f"must be a list of {len(rows)} schedules, one per threshold row", refit)
+    for i, (steps, row) in enumerate(zip(schedules, rows)):
+        if (
+            not isinstance(steps, list) or not all(_is_int(s) and 0 <= s < n for s in steps)
+            or len(set(steps)) != len(steps) or 0 not in steps
+        ):
+            raise _fail(origin, f"{where}.schedules[{i}]", f"must list distinct steps in [0, {n}), step 0 among them, got {_short(steps)}", refit)
+        if abs(len(steps) / n - row["computed_fraction"]) > 1e-3:
+            raise _fail(origin, f"{where}.schedules[{i}]", f"computes {len(steps)} of {n} steps, but its row says {row['computed_fraction']}", refit)
 
 
 def _validate_thresholds(thresholds: Any, origin: str, where: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .settings import DecisionSettings, validate_decision_settings
+from .settings import SCHEDULE_RULES, DecisionSettings, validate_decision_settings
 
 # Reasons a call was computed or skipped, as they appear in ``TeaCache.stats``.
 FIRST, WARMUP, FINAL, MAX_SKIPS, SHAPE_CHANGE = "first", "warmup", "final", "max_skips", "shape_change"
@@ -46,7 +46,11 @@ class DecisionRule:
       the previous call) and the call is skipped while ``p(x)`` alone stays below the threshold. Its
       polynomial is fitted on the traces' lagged pairs (``x_lag``, ``y_lag``), and the file caps the skips
       in a row at the longest lag recorded, so the replay sees every x the runtime will;
-    - ``fixed_schedule``: compute exactly the steps in ``schedule`` (and the forced ones), whatever x says.
+    - ``fixed_schedule``: compute exactly the steps in ``schedule`` (and the forced ones), whatever x says;
+    - ``searched_schedule``: compute exactly the steps of the schedule a search over real generations chose
+      for the threshold's budget (``rel_l1_thresh`` is then the fraction of steps skipped; the coefficients
+      file maps it to its schedule, see ``Coefficients.searched_schedule``). The schedule is the whole plan:
+      step 0 is computed, and warm-up, final steps and the cap on skips in a row do not apply.
     """
 
     coefficients: tuple[float, ...]
@@ -66,14 +70,16 @@ class DecisionRule:
         )
         if self.rule == "teacache_dsigma" and not self.step_weights:
             raise ConfigError("the teacache_dsigma rule needs step_weights (one per step); re-fit with `python -m calibrate.fit`.")
-        if self.rule == "fixed_schedule" and self.schedule is None:
-            raise ConfigError("the fixed_schedule rule needs a schedule (the steps to compute); re-fit with `python -m calibrate.fit`.")
+        if self.rule in SCHEDULE_RULES and self.schedule is None:
+            raise ConfigError(f"the {self.rule} rule needs a schedule (the steps to compute); re-fit with `python -m calibrate.fit`.")
 
     @classmethod
     def of(cls, coefficients: Any, settings: DecisionSettings) -> "DecisionRule":
         """The rule of a :class:`~runtime.coefficients.Coefficients` (or anything with its polynomial
         fields) run with ``settings``."""
         schedule = getattr(coefficients, "schedule", None)
+        if settings.rule == "searched_schedule":  # the searched schedule of the threshold's budget
+            schedule = coefficients.searched_schedule(settings.rel_l1_thresh)
         weights = getattr(coefficients, "step_weights", None)
         return cls(
             coefficients=tuple(coefficients.coefficients),
@@ -104,8 +110,8 @@ class DecisionRule:
         return self.step_weights[step]
 
     def scheduled_skip(self, step: int) -> bool | None:
-        """For ``fixed_schedule``: whether the schedule skips this step; None for the other rules."""
-        if self.rule != "fixed_schedule":
+        """For the schedule rules: whether the schedule skips this step; None for the other rules."""
+        if self.rule not in SCHEDULE_RULES:
             return None
         return step not in self.schedule
 
@@ -114,6 +120,8 @@ class DecisionRule:
         """Why this step must be computed whatever x says, or None; ``num_steps`` None disables final steps."""
         if step == 0:
             return FIRST
+        if self.rule == "searched_schedule":  # the searched schedule decides every later step
+            return None
         if step < self.warmup_steps:
             return WARMUP
         if num_steps is not None and step >= num_steps - self.final_steps:
@@ -122,7 +130,7 @@ class DecisionRule:
 
     def cap_reached(self, consecutive_skips: int | torch.Tensor) -> bool | torch.Tensor:
         """Whether the cap on consecutive skips forces this call to compute (elementwise on tensors)."""
-        if self.max_consecutive_skips is None:
+        if self.max_consecutive_skips is None or self.rule == "searched_schedule":
             if isinstance(consecutive_skips, torch.Tensor):
                 return torch.zeros_like(consecutive_skips, dtype=torch.bool)
             return False
@@ -145,7 +153,7 @@ class DecisionRule:
 
         ``acc_candidate = acc + weight(step) * p`` is what the threshold was compared to; ``acc_next``
         is the accumulator carried to the next call (the candidate when skipping, else 0). Under
-        ``fixed_schedule`` the schedule decides and x is only recorded.
+        the schedule rules the schedule decides and x is only recorded.
         """
         p = self.predict(x) * self.weight(step)
         candidate = p if self.rule == "teacache_drift" else acc + p

@@ -19,7 +19,9 @@ from typing import Any
 from .errors import ConfigError
 
 #: The rules the runtime runs (runtime.rules registers their behaviour under these names).
-RULES = ("teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule")
+RULES = ("teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "searched_schedule")
+#: Rules whose steps are set by a schedule, not by x (x is still measured and recorded).
+SCHEDULE_RULES = ("fixed_schedule", "searched_schedule")
 
 
 def _is_number(value: Any) -> bool:

@@ -483,3 +483,37 @@ def test_closed_loop_check_stores_realized_fractions(tmp_path, qwen_calibration)
         fit_to(traces_path, tmp_path / "d.json", extra=["model=tiny_flux", "closed_loop=2", "plot=false"])
     with pytest.raises(FitError, match="closed_loop must be a number"):
         fit_to(traces_path, tmp_path / "e.json", extra=["closed_loop=-1"])
+
+
+def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qwen_calibration, tmp_path):
+    """fit search=N: one schedule per budget (step 0 in each), searched on training prompt x seed pairs only;
+    the runtime then computes exactly those steps (the file's warm-up and final steps do not apply), and its
+    outputs on those pairs score what the search recorded (the search measured the runtime itself); the search
+    never ends worse than the uniform schedule it starts beside."""
+    from calibrate.models import output_array
+
+    traces_path, _ = qwen_calibration
+    path = fit_to(traces_path, tmp_path / "s.json",
+                  ["model=tiny_qwen_image", "search=2", "search_budgets=[0.5,0.75]", "search_passes=1", "plot=false"])
+    c = load_coefficients(path)
+    entry = c.rules["searched_schedule"]
+    n = c.recipe["num_inference_steps"]
+    assert entry["num_steps"] == n and [len(s) for s in entry["schedules"]] == [6, 4]
+    assert all(0 in s for s in entry["schedules"])
+    assert [r["rel_l1_thresh"] for r in entry["thresholds"]] == [0.25, 0.5]
+    pairs = [(p["prompt"], p["seed"]) for p in entry["fit"]["pairs"]]
+    assert len(pairs) == 2 and not {p for p, _ in pairs} & set(c.fit["heldout_prompts"])
+    assert not {s for _, s in pairs} & set(c.fit["heldout_seeds"])
+    assert all(a >= b - 1e-9 for a, b in zip(entry["fit"]["psnr"], entry["fit"]["uniform_psnr"]))
+
+    cfg = compose_cfg("record", ["model=tiny_qwen_image"])
+    loaded = load_model(cfg.model, "cpu", torch.float32)
+    recipe = Recipe.from_config(cfg)
+    fulls = [output_array(loaded.generate(p, s, recipe, output_type="np")).astype(np.float64) for p, s in pairs]
+    for row, steps, psnr in zip(entry["thresholds"], entry["schedules"], entry["fit"]["psnr"]):
+        with TeaCache.from_coefficients(path, rule="searched_schedule", rel_l1_thresh=row["rel_l1_thresh"]).apply(loaded.pipe) as cache:
+            outs = [output_array(loaded.generate(p, s, recipe, output_type="np")).astype(np.float64) for p, s in pairs]
+        for branch in ("cond", "uncond"):
+            assert [r.step for r in cache.stats[branch].trace if r.computed] == steps
+        mse = [max(float(np.mean((a - b) ** 2)), 1e-12) for a, b in zip(outs, fulls)]
+        assert float(np.mean([-10 * np.log10(m) for m in mse])) == pytest.approx(psnr, abs=2e-3)

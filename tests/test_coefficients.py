@@ -51,6 +51,18 @@ def valid_document(**changes):
     return doc
 
 
+def searched_entry(**changes):
+    """A valid rules.searched_schedule entry for 8 steps: 5 and 4 steps computed."""
+    entry = {
+        "rel_l1_thresh": 0.5,
+        "thresholds": [{"rel_l1_thresh": 0.375, "computed_fraction": 0.625}, {"rel_l1_thresh": 0.5, "computed_fraction": 0.5}],
+        "schedules": [[0, 1, 2, 4, 7], [0, 1, 3, 7]],
+        "num_steps": 8,
+    }
+    entry.update(changes)
+    return entry
+
+
 def write(tmp_path, doc, name="c.json"):
     path = tmp_path / name
     path.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
@@ -137,6 +149,17 @@ def test_missing_schema(tmp_path):
          r"rules.teacache_drift.max_lag"),
         ({"rules": {"teacache_joint": {"rel_l1_thresh": 0.1, "coefficients": [1.0]}}}, "rules.teacache_joint"),
         ({"defaults": {"rel_l1_thresh": 0.1, "rule": "teacache_drift"}}, "rules.teacache_drift"),
+        ({"rules": {"teacache": {"rel_l1_thresh": 0.1, "thresholds": []}}}, "rules.teacache"),
+        # searched_schedule: a step count and one schedule per row, in range, with step 0, of the row's size
+        ({"defaults": {"rel_l1_thresh": 0.1, "rule": "searched_schedule"}}, "rules.searched_schedule"),
+        ({"rules": {"searched_schedule": searched_entry(num_steps=0)}}, r"rules.searched_schedule.num_steps"),
+        ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 7]])}}, r"rules.searched_schedule.schedules"),
+        ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 9], [0, 3, 7, 4]])}},
+         r"rules.searched_schedule.schedules\[0\]"),
+        ({"rules": {"searched_schedule": searched_entry(schedules=[[1, 2, 3, 4, 7], [0, 3, 7, 4]])}},
+         r"rules.searched_schedule.schedules\[0\]"),
+        ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 7], [0, 3, 7, 4]])}},
+         r"computes 4 of 8 steps, but its row says 0.625"),
     ],
 )
 def test_each_bad_field_is_named(tmp_path, changes, field):
@@ -198,3 +221,47 @@ def test_object_built_in_code_is_validated():
             defaults=DecisionDefaults(rel_l1_thresh=0.1),
             provenance={"kind": "calibrated", "traces": []},
         )
+
+
+def test_searched_schedule_runs_the_schedule_of_the_skipped_fraction(tmp_path):
+    """For searched_schedule the threshold is the fraction skipped: the file's schedule that skips the most
+    without skipping more than it; below the first row every step; speedup= picks a row as for the others."""
+    path = write(tmp_path, valid_document(rules={"searched_schedule": searched_entry()}))
+    c = load_coefficients(path)
+    assert c.searched_schedule(0.0) == tuple(range(8))
+    assert c.searched_schedule(0.4) == (0, 1, 2, 4, 7)
+    assert c.searched_schedule(0.5) == c.searched_schedule(0.9) == (0, 1, 3, 7)
+    cache = TeaCache.from_coefficients(path, rule="searched_schedule")
+    assert cache.rule.rule == "searched_schedule" and cache.rel_l1_thresh == 0.5
+    assert cache.rule.schedule == frozenset({0, 1, 3, 7})
+    assert TeaCache.from_coefficients(path, rule="searched_schedule", speedup=1.6).rule.schedule == frozenset({0, 1, 2, 4, 7})
+    assert TeaCache.from_coefficients(path, rule="searched_schedule", rel_l1_thresh=0.0).rule.schedule == frozenset(range(8))
+    # the default rule of a file may be searched_schedule; without the entry the rule is refused with the fix
+    chosen = write(tmp_path, valid_document(defaults={"rel_l1_thresh": 0.375, "rule": "searched_schedule"},
+                                            rules={"searched_schedule": searched_entry()}), "chosen.json")
+    assert TeaCache.from_coefficients(chosen).rule.schedule == frozenset({0, 1, 3, 7})  # the entry's default
+    with pytest.raises(ConfigError, match="final_steps does not apply"):
+        TeaCache.from_coefficients(path, rule="searched_schedule", final_steps=2)
+    with pytest.raises(CoefficientsError, match=r"no searched schedules .*calibrate.fit model=toy search=8"):
+        TeaCache.from_coefficients(write(tmp_path, valid_document(), "plain.json"), rule="searched_schedule")
+
+
+def test_another_default_rule_keeps_the_upstream_rules_threshold(tmp_path):
+    """choose_rule writes the winner as the default; rule="teacache" then still runs the upstream rule at its own
+    default threshold and table (rules.teacache), not at the winner's."""
+    from calibrate.sweep import _write_default_rule
+
+    path = write(tmp_path, valid_document(rules={"searched_schedule": searched_entry()}))
+    _write_default_rule(load_coefficients(path), "searched_schedule", str(path))
+    c = load_coefficients(path)
+    assert c.defaults.rule == "searched_schedule" and c.rules["teacache"] == {"rel_l1_thresh": 0.2}
+    assert TeaCache.from_coefficients(path).rule.schedule == frozenset({0, 1, 3, 7})
+    upstream = TeaCache.from_coefficients(path, rule="teacache")
+    assert upstream.rule.rule == "teacache" and upstream.rel_l1_thresh == 0.2
+    assert TeaCache.from_coefficients(path, rule="teacache", speedup=1.8).rel_l1_thresh == 0.3  # the file's own table
+    from calibrate.export import export_coefficients  # the ports run the upstream rule: exported at its threshold
+
+    exported = export_coefficients(c, "teacache")
+    assert exported.rel_l1_thresh == 0.2 and any("default rule is searched_schedule" in w for w in exported.warnings)
+    _write_default_rule(c, "teacache", str(path))
+    assert load_coefficients(path).defaults.rule == "teacache" and TeaCache.from_coefficients(path).rel_l1_thresh == 0.2

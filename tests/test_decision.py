@@ -15,6 +15,8 @@ def naive(rule: DecisionRule, xs: list[float]) -> list[bool]:
     for step, x in enumerate(xs):
         forced = step == 0 or step < rule.warmup_steps or step >= n - rule.final_steps
         forced |= rule.max_consecutive_skips is not None and run >= rule.max_consecutive_skips
+        if rule.rule == "searched_schedule":  # the schedule is the whole plan: only step 0 is forced
+            forced = step == 0
         xc = x if rule.x_range is None or math.isnan(x) else min(max(x, rule.x_range[0]), rule.x_range[1])
         p = 0.0
         for c in rule.coefficients:
@@ -23,7 +25,7 @@ def naive(rule: DecisionRule, xs: list[float]) -> list[bool]:
         if rule.rule == "teacache_dsigma" and step < len(rule.step_weights):
             p *= rule.step_weights[step]  # the prediction scaled by the step's share of the sigma travel
         candidate = acc + p
-        if rule.rule == "fixed_schedule":
+        if rule.rule in ("fixed_schedule", "searched_schedule"):
             skip = not forced and step not in rule.schedule  # x does not matter
         else:
             skip = not forced and math.isfinite(x) and math.isfinite(candidate) and candidate < rule.rel_l1_thresh
@@ -44,6 +46,10 @@ RULES = [
     # fixed_schedule: compute steps 0, 4, 8, ... and the forced ones, whatever x says
     DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.3, rule="fixed_schedule",
                  schedule=frozenset(range(0, 20, 4)), max_consecutive_skips=5),
+    # searched_schedule: an early-dense schedule, as the search finds on the video model; it may skip the
+    # last steps, and the warm-up and the cap do not apply
+    DecisionRule(coefficients=(1.0, 0.0), x_range=None, rel_l1_thresh=0.5, rule="searched_schedule",
+                 schedule=frozenset({0, 1, 2, 3, 5, 8, 12}), warmup_steps=3, max_consecutive_skips=2),
 ]
 
 

@@ -450,6 +450,10 @@ def test_rule_variants_run_in_the_pipeline_as_replay_says(pipes):
     variants = {
         "teacache_dsigma": dict(step_weights=tuple(1.6 - 0.15 * i for i in range(steps))),
         "fixed_schedule": dict(schedule=(0, 3, 5)),
+        # the searched schedule of the threshold's skipped fraction, the last step skipped as it says
+        "searched_schedule": dict(rules={"searched_schedule": {
+            "rel_l1_thresh": round(1 - 3 / steps, 4), "num_steps": steps, "schedules": [[0, 2, 3]],
+            "thresholds": [{"rel_l1_thresh": round(1 - 3 / steps, 4), "computed_fraction": round(3 / steps, 4)}]}}),
     }
     for rule, data in variants.items():
         c = dataclasses.replace(base, defaults=base.defaults.with_overrides(rule=rule), **data)
@@ -458,11 +462,14 @@ def test_rule_variants_run_in_the_pipeline_as_replay_says(pipes):
             stats = cache.stats
         computed = {b: [r.computed for r in s.trace] for b, s in stats.items()}
         x = {b: torch.tensor([[r.x for r in s.trace]]) for b, s in stats.items()}
-        expected_rule = DecisionRule.of(c, c.defaults)
+        seen = c.for_rule(rule)  # the file as the rule sees it (searched_schedule: its entry's threshold)
+        expected_rule = DecisionRule.of(seen, seen.defaults)
         for branch in ("cond", "uncond"):
             assert computed[branch] == replay(expected_rule, x[branch])[0].tolist(), (rule, branch)
         if rule == "fixed_schedule":
             assert [i for i, done in enumerate(computed["cond"]) if done] == [0, 3, 5, steps - 1]
+        if rule == "searched_schedule":
+            assert [i for i, done in enumerate(computed["cond"]) if done] == [0, 2, 3]
 
 
 def test_joint_rule_makes_every_branch_follow_the_first(pipes):
