@@ -301,19 +301,21 @@ def comfyui_window(c: "Coefficients") -> tuple[float, float]:
 
 
 def export_coefficients(c: "Coefficients", fmt: str, *, rel_l1_thresh: float | None = None, name: str | None = None) -> Exported:
-    """The text of ``c`` in ``fmt``; ``rel_l1_thresh`` None takes the file's default threshold of the upstream
-    rule (the ports run no other: a file whose default is another rule is exported as the upstream rule sees it)."""
+    """The text of ``c`` in ``fmt``; ``rel_l1_thresh`` None takes the file's default threshold. The other ports
+    run the upstream rule only: a file whose default is another rule goes to them as the upstream rule sees it
+    (its own threshold, ``rules.teacache``); this project's runtime (``diffusers``) gets the file as it is."""
     check_format(fmt)
     default_rule = c.defaults.rule
-    if default_rule != "teacache":
-        c = c.for_rule("teacache")  # its own threshold (rules.teacache) and table, not the other rule's
+    upstream_only = fmt != "diffusers" and default_rule != "teacache"
+    if upstream_only:
+        c = c.for_rule("teacache")
     thresh = c.defaults.rel_l1_thresh if rel_l1_thresh is None else rel_l1_thresh
     if not isinstance(thresh, (int, float)) or isinstance(thresh, bool) or not math.isfinite(thresh) or thresh < 0:
         raise ExportError(f"rel_l1_thresh must be a finite number >= 0, got {thresh!r}.")
     thresh = float(thresh)
     degree = len(c.coefficients) - 1
     warnings = port_warnings(c, fmt, thresh)
-    if default_rule != "teacache":
+    if upstream_only:
         warnings.append(
             f"this file's default rule is {default_rule}, which {PORT_NAMES[fmt]} does not run: exported is the upstream "
             "accumulate-and-threshold rule, with its own default threshold."
@@ -380,9 +382,12 @@ def export_coefficients(c: "Coefficients", fmt: str, *, rel_l1_thresh: float | N
             ),
             "teacache": {
                 "rel_l1_thresh": thresh,
-                "warmup_steps": c.defaults.warmup_steps,
-                "final_steps": c.defaults.final_steps,
-                "max_consecutive_skips": c.defaults.max_consecutive_skips,
+                # the searched schedules are the whole plan: the runtime refuses these settings with them
+                **({} if default_rule == "searched_schedule" else {
+                    "warmup_steps": c.defaults.warmup_steps,
+                    "final_steps": c.defaults.final_steps,
+                    "max_consecutive_skips": c.defaults.max_consecutive_skips,
+                }),
                 "coefficients": document,
             },
         }

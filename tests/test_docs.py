@@ -22,7 +22,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_main_command_installs_and_runs_record_then_fit():
     main, _ = readme_commands()
     assert main.startswith("python3 -m venv .venv") and "torch==2.13.0" in main
-    assert main.endswith("python -m calibrate.record && python -m calibrate.fit closed_loop=15")
+    assert main.endswith("python -m calibrate.record && python -m calibrate.fit closed_loop=15 search=8")
 
 
 def test_readme_names_only_shipped_coefficients():

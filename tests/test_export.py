@@ -59,9 +59,16 @@ class SglangTeaCacheParams:
     coefficients: list = dataclasses.field(default_factory=list)
 
 
+def load_upstream(name):
+    """The file as the ports see it: the upstream rule at its own threshold, whichever rule is the default
+    (the reference files' default is searched_schedule; rules.teacache keeps TeaCache's threshold)."""
+    c = load_coefficients(name)
+    return c.for_rule("teacache") if c.defaults.rule != "teacache" else c
+
+
 @pytest.mark.parametrize("name", SOURCES)
 def test_teacache_snippet_is_a_poly1d_list_and_threshold(name):
-    c = load_coefficients(name)
+    c = load_upstream(name)
     ns = exec_snippet(export_coefficients(c, "teacache").text)
     assert set(ns) == {"coefficients", "rel_l1_thresh"}
     assert ns["rel_l1_thresh"] == c.defaults.rel_l1_thresh
@@ -71,7 +78,7 @@ def test_teacache_snippet_is_a_poly1d_list_and_threshold(name):
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_comfyui_entry_and_node_inputs(name):
-    c = load_coefficients(name)
+    c = load_upstream(name)
     ns = exec_snippet(export_coefficients(c, "comfyui").text)
     entries, inputs = ns["SUPPORTED_MODELS_COEFFICIENTS"], ns["TEACACHE_NODE_INPUTS"]
     assert set(inputs) == COMFYUI_INPUTS
@@ -94,7 +101,7 @@ def test_comfyui_entry_and_node_inputs(name):
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_vllm_omni_entry_builds_its_teacache_config(name):
-    c = load_coefficients(name)
+    c = load_upstream(name)
     ns = exec_snippet(export_coefficients(c, "vllm_omni").text)
     assert ns["_MODEL_COEFFICIENTS"] == {c.transformer_class: list(c.coefficients)}
     config = VllmOmniTeaCacheConfig(**ns["cache_config"], transformer_type=c.transformer_class)
@@ -103,7 +110,7 @@ def test_vllm_omni_entry_builds_its_teacache_config(name):
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_sglang_json_is_exactly_teacache_params(name):
-    c = load_coefficients(name)
+    c = load_upstream(name)
     data = json.loads(export_coefficients(c, "sglang").text)
     params = SglangTeaCacheParams(**data)  # any other key would raise TypeError
     assert params.coefficients == list(c.coefficients) and params.teacache_thresh == c.defaults.rel_l1_thresh
@@ -114,8 +121,10 @@ def test_diffusers_config_builds_our_runtime(name):
     c = load_coefficients(name)
     cfg = json.loads(export_coefficients(c, "diffusers").text)["teacache"]
     cache = TeaCache.from_coefficients(coefficients_from_dict(cfg.pop("coefficients")), **cfg)
-    assert cache.coefficients.to_dict() == c.to_dict()
-    assert cache.rel_l1_thresh == c.defaults.rel_l1_thresh
+    # the whole file, run with its default rule (that rule's own table where the file has one)
+    expected = c.for_rule(c.defaults.rule) if c.defaults.rule in c.rules else c
+    assert cache.coefficients.to_dict() == expected.to_dict()
+    assert cache.rule.rule == c.defaults.rule and cache.rel_l1_thresh == expected.defaults.rel_l1_thresh
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
