@@ -62,6 +62,7 @@ class DecisionRule:
     rule: str = "teacache"
     step_weights: tuple[float, ...] | None = None
     schedule: frozenset[int] | None = None
+    schedule_steps: int | None = None  # searched_schedule: the step count its schedules were searched for
 
     def __post_init__(self) -> None:
         validate_decision_settings(
@@ -77,9 +78,10 @@ class DecisionRule:
     def of(cls, coefficients: Any, settings: DecisionSettings) -> "DecisionRule":
         """The rule of a :class:`~runtime.coefficients.Coefficients` (or anything with its polynomial
         fields) run with ``settings``."""
-        schedule = getattr(coefficients, "schedule", None)
+        schedule, schedule_steps = getattr(coefficients, "schedule", None), None
         if settings.rule == "searched_schedule":  # the searched schedule of the threshold's budget
             schedule = coefficients.searched_schedule(settings.rel_l1_thresh)
+            schedule_steps = int(coefficients.rules["searched_schedule"]["num_steps"])
         weights = getattr(coefficients, "step_weights", None)
         return cls(
             coefficients=tuple(coefficients.coefficients),
@@ -91,6 +93,7 @@ class DecisionRule:
             rule=settings.rule,
             step_weights=tuple(weights) if weights else None,
             schedule=frozenset(schedule) if schedule is not None else None,
+            schedule_steps=schedule_steps,
         )
 
     @property
@@ -121,6 +124,12 @@ class DecisionRule:
         if step == 0:
             return FIRST
         if self.rule == "searched_schedule":  # the searched schedule decides every later step
+            if num_steps is not None and self.schedule_steps is not None and num_steps != self.schedule_steps:
+                raise ConfigError(
+                    f"the searched schedules were searched for {self.schedule_steps} steps, but this generation runs "
+                    f"{num_steps}: step indices mean other steps there. Record and fit for {num_steps} steps "
+                    "(calibrate.record num_inference_steps=..., then calibrate.fit search=N), or use rule='teacache'."
+                )
             return None
         if step < self.warmup_steps:
             return WARMUP

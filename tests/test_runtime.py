@@ -8,6 +8,7 @@ from calibrate.tiny import TINY_FAMILIES, TINY_RECIPES, build_tiny_pipeline, tin
 from runtime import (
     BlockCall,
     Coefficients,
+    ConfigError,
     DecisionDefaults,
     TeaCache,
     TeaCacheError,
@@ -470,6 +471,10 @@ def test_rule_variants_run_in_the_pipeline_as_replay_says(pipes):
             assert [i for i, done in enumerate(computed["cond"]) if done] == [0, 3, 5, steps - 1]
         if rule == "searched_schedule":
             assert [i for i, done in enumerate(computed["cond"]) if done] == [0, 2, 3]
+            # step indices mean other steps at another step count: refused by name, not run silently
+            with TeaCache.from_coefficients(c).apply(pipe), pytest.raises(ConfigError, match=f"searched for {steps} steps"):
+                pipe(**{**TINY_RECIPES["qwen_image"], "num_inference_steps": steps + 2,
+                        **tiny_prompt_embeds(pipe, "qwen_image", "a fox", negative_prompt="")}, output_type="np")
 
 
 def test_joint_rule_makes_every_branch_follow_the_first(pipes):
