@@ -675,6 +675,8 @@ def _validate_searched(entry: dict, origin: str, where: str) -> None:
     n, schedules, rows = entry.get("num_steps"), entry.get("schedules"), entry.get("thresholds") or []
     if not _is_int(n) or n < 1:
         raise _fail(origin, f"{where}.num_steps", f"must be the recipe's step count (an integer >= 1), got {_short(n)}", refit)
+    if not rows:
+        raise _fail(origin, f"{where}.thresholds", "must hold one row per searched schedule (none given)", refit)
     if not isinstance(schedules, list) or len(schedules) != len(rows):
         raise _fail(origin, f"{where}.schedules", f"must be a list of {len(rows)} schedules, one per threshold row", refit)
     for i, (steps, row) in enumerate(zip(schedules, rows)):

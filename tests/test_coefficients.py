@@ -153,6 +153,7 @@ def test_missing_schema(tmp_path):
         # searched_schedule: a step count and one schedule per row, in range, with step 0, of the row's size
         ({"defaults": {"rel_l1_thresh": 0.1, "rule": "searched_schedule"}}, "rules.searched_schedule"),
         ({"rules": {"searched_schedule": searched_entry(num_steps=0)}}, r"rules.searched_schedule.num_steps"),
+        ({"rules": {"searched_schedule": searched_entry(thresholds=[], schedules=[])}}, r"rules.searched_schedule.thresholds"),
         ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 7]])}}, r"rules.searched_schedule.schedules"),
         ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 9], [0, 3, 7, 4]])}},
          r"rules.searched_schedule.schedules\[0\]"),
