@@ -14,6 +14,8 @@ calibration set x seeds), for the cond branch:
   (the modulation held at step t: only the tokens change);
 - ``x_modulation``: rel-L1 of ``norm(h_{t-1}) * (1 + scale_t) + shift_t`` against ``m_{t-1}`` (the tokens held:
   only the modulation changes);
+- ``x_normed``: rel-L1 of the normalized tokens ``norm(h)`` (no modulation at all: a signal one tensor per call
+  could carry);
 - ``x_tokens``: rel-L1 of the block's input tokens h themselves (before the norm).
 
 For each, the mean over runs and the coefficient of variation across runs per step, both as the median over
@@ -33,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+KEYS = ("x", "x_content", "x_modulation", "x_normed", "x_tokens")
 
 
 def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +82,7 @@ def decompose(model_name: str, prompts: int, seeds: list[int]) -> dict[str, obje
         calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in named.items()})
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-    series: dict[str, list[list[float]]] = {k: [] for k in ("x", "x_content", "x_modulation", "x_tokens")}
+    series: dict[str, list[list[float]]] = {k: [] for k in KEYS}
     try:
         with torch.no_grad():
             for prompt in prompt_texts(cfg)[:prompts]:
@@ -95,6 +99,7 @@ def decompose(model_name: str, prompts: int, seeds: list[int]) -> dict[str, obje
                         rows["x"].append(_rel_l1(now, before))
                         rows["x_content"].append(_rel_l1(now, held_tokens))
                         rows["x_modulation"].append(_rel_l1(held_tokens, before))
+                        rows["x_normed"].append(_rel_l1(n1, n0))
                         rows["x_tokens"].append(_rel_l1(cond[t]["hidden_states"], cond[t - 1]["hidden_states"]))
                     for k in series:
                         series[k].append(rows[k])
@@ -116,10 +121,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     results = {m: decompose(m, args.prompts, args.seeds) for m in args.models}
-    keys = ("x", "x_content", "x_modulation", "x_tokens")
-    print(f"{'model':<18}{'runs':>6}" + "".join(f"{k + ' mean':>18}{k + ' cv':>16}" for k in keys))
+    print(f"{'model':<18}{'runs':>6}" + "".join(f"{k + ' mean':>18}{k + ' cv':>16}" for k in KEYS))
     for name, r in results.items():
-        print(f"{name:<18}{r['runs']:>6}" + "".join(f"{r[k]['mean']:>18.4f}{r[k]['cv']:>16.4f}" for k in keys))
+        print(f"{name:<18}{r['runs']:>6}" + "".join(f"{r[k]['mean']:>18.4f}{r[k]['cv']:>16.4f}" for k in KEYS))
     print("cond branch; median over steps (first and last excluded) of the mean over runs and of the CV across runs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
