@@ -193,7 +193,9 @@ def test_choose_rule_writes_the_best_rule_by_held_out_quality(main_job, tmp_path
         [f"coefficients={copy}", "limit=2", "repeats=1", "teacache_points=3", f"out={tmp_path}/sweep", "device=cpu",
          "methods=[teacache,teacache_dsigma,teacache_joint]", "choose_rule=true"],
     )
-    ranking = json.loads((run_sweep(cfg) / "sweep.json").read_text())["rule_ranking"]
+    document = json.loads((run_sweep(cfg) / "sweep.json").read_text())
+    ranking = document["rule_ranking"]
+    assert document["target_check"]["rule"] == ranking["best"]  # judged: the rule the file has after this run
     scores = ranking["mean_psnr_db"]
     assert set(scores) == {"teacache", "teacache_dsigma", "teacache_joint"}
     assert ranking["best"] == max(scores, key=scores.get)
