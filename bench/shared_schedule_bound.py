@@ -1,0 +1,93 @@
+"""How close can one schedule, shared by every output, come to the per-output search? An in-sample bound.
+
+    python bench/shared_schedule_bound.py --model reference_video [--outputs 8] [--json PATH]
+
+Reads a sweep's ``sweep.json`` (``sweep/<model>/sweep.json``, run with ``schedule_search``), takes its first
+``--outputs`` held-out outputs, and searches the one schedule per budget that serves *those very outputs* best
+(mean PSNR against full compute; the sweep's search settings, ``calibrate.schedule_search.search_schedules``
+with passes 2, radius 1, greedy). No schedule shared by these outputs can beat it, so its distance to the
+per-output search is what sharing a schedule costs; beside both, the file's ``searched_schedule`` (searched
+on training pairs, not on these outputs) on the same outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.models import load_model, output_array
+    from calibrate.recipe import Recipe
+    from calibrate.schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+    from runtime.coefficients import load_coefficients
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference_video")
+    parser.add_argument("--outputs", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sweep", overrides=[f"model={args.model}"])
+    sweep = json.loads((ROOT / "sweep" / args.model / "sweep.json").read_text())
+    work = [(o["prompt"], o["seed"]) for o in sweep["outputs"]][: args.outputs]
+    per_output = {(p["prompt"], p["seed"]): {b["budget"]: b["psnr"] for b in p["budgets"]}
+                  for p in sweep["schedule_search"]["per_output"]}
+    budgets = list(sweep["schedule_search"]["settings"]["budgets"])
+    recipe = Recipe.from_config(cfg)
+    model = load_model(cfg.model, "cpu", torch.float32)
+    n = recipe.num_inference_steps
+    entry = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json")).rules["searched_schedule"]
+    counts = {b: computed_steps(b, n) for b in budgets}
+    current = {"steps": frozenset(range(n))}
+
+    def output(prompt: str, seed: int) -> np.ndarray:
+        return output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
+
+    start = time.perf_counter()
+    scheduler = model.pipe.scheduler
+    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+        fulls = [output(p, s) for p, s in work]
+
+        def psnrs(steps) -> list[float]:
+            current["steps"] = frozenset(steps)
+            return [min(100.0, -10 * np.log10(max(np.mean((output(p, s) - f) ** 2), 1e-10))) for (p, s), f in zip(work, fulls)]
+
+        results, cost = search_schedules(lambda steps: -float(np.mean(psnrs(steps))) / 10, n, list(counts.values()),
+                                         passes=2, radius=1, greedy=True)
+        rows = []
+        for budget, k in counts.items():
+            searched = [s for s in entry["schedules"] if len(s) == k]
+            rows.append({
+                "budget": budget, "computed_steps": k,
+                "per_output_search_psnr": round(float(np.mean([per_output[w][budget] for w in work])), 3),
+                "shared_in_sample_psnr": round(-10 * results[k].error, 3),
+                "shared_in_sample_steps": sorted(results[k].steps),
+                "searched_schedule_psnr": round(float(np.mean(psnrs(searched[0]))), 3) if searched else None,
+            })
+    print(f"{args.model}: {len(work)} held-out outputs, {cost.evaluations} shared schedules searched in "
+          f"{time.perf_counter() - start:.0f} s")
+    print(f"{'budget':>7}{'per-output':>12}{'shared, in-sample':>19}{'searched_schedule':>19}")
+    for r in rows:
+        searched = "" if r["searched_schedule_psnr"] is None else f"{r['searched_schedule_psnr']:.2f}"
+        print(f"{r['budget']:>7}{r['per_output_search_psnr']:>12.2f}{r['shared_in_sample_psnr']:>19.2f}{searched:>19}")
+    print("mean PSNR (dB) against full compute over the outputs")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "outputs": len(work), "evaluations": cost.evaluations,
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
