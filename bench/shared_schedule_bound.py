@@ -36,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference_video")
     parser.add_argument("--outputs", type=int, default=8)
+    parser.add_argument("--coefficients", type=Path, default=None,
+                        help="the file whose searched schedules to score (default coefficients/<model>.json)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -48,7 +50,8 @@ def main() -> None:
     recipe = Recipe.from_config(cfg)
     model = load_model(cfg.model, "cpu", torch.float32)
     n = recipe.num_inference_steps
-    entry = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json")).rules["searched_schedule"]
+    source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
+    entry = load_coefficients(str(source)).rules["searched_schedule"]
     counts = {b: computed_steps(b, n) for b in budgets}
     current = {"steps": frozenset(range(n))}
 
