@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from hydra import compose, initialize_config_dir
 
-    from calibrate.models import load_model, output_array
+    from calibrate.models import load_model
     from calibrate.recipe import Recipe
-    from calibrate.schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+    from calibrate.schedule_search import computed_steps, schedule_errors, search_schedules
     from runtime.coefficients import load_coefficients
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,19 +53,11 @@ def main() -> None:
     source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
     entry = load_coefficients(str(source)).rules["searched_schedule"]
     counts = {b: computed_steps(b, n) for b in budgets}
-    current = {"steps": frozenset(range(n))}
-
-    def output(prompt: str, seed: int) -> np.ndarray:
-        return output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
-
     start = time.perf_counter()
-    scheduler = model.pipe.scheduler
-    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
-        fulls = [output(p, s) for p, s in work]
+    with schedule_errors(model, recipe, work) as mse:
 
         def psnrs(steps) -> list[float]:
-            current["steps"] = frozenset(steps)
-            return [min(100.0, -10 * np.log10(max(np.mean((output(p, s) - f) ** 2), 1e-10))) for (p, s), f in zip(work, fulls)]
+            return [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(frozenset(steps))]
 
         results, cost = search_schedules(lambda steps: -float(np.mean(psnrs(steps))) / 10, n, list(counts.values()),
                                          passes=2, radius=1, greedy=True)

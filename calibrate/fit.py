@@ -551,29 +551,20 @@ def searched_variant(
     has no warm-up or final steps of its own). In the file: one threshold row per budget, its
     ``rel_l1_thresh`` the fraction of steps skipped, and the schedule beside it; the default is the row
     ``speedup`` picks."""
-    from .models import output_array
-    from .schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+    from .schedule_search import computed_steps, schedule_errors, search_schedules
 
     recipe, n = traces.recipe, traces.recipe.num_inference_steps
     counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
     if not counts:
         raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
     pairs = training_pairs(traces, coefficients, search.pairs)
-    def output(prompt: str, seed: int) -> np.ndarray:
-        return output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
-
-    fulls = [output(p, s) for p, s in pairs]
-    current: dict[str, frozenset] = {"steps": frozenset(range(n))}
     bar = tqdm(desc=f"searched_schedule ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
+    with bar, schedule_errors(model, recipe, pairs) as mse:
 
-    def error(steps: frozenset) -> float:
-        current["steps"] = steps
-        logs = [np.log10(max(float(np.mean((output(p, s) - full) ** 2)), 1e-12)) for (p, s), full in zip(pairs, fulls)]
-        bar.update()
-        return float(np.mean(logs))
+        def error(steps: frozenset) -> float:
+            bar.update()
+            return float(np.mean([np.log10(max(m, 1e-12)) for m in mse(steps)]))
 
-    scheduler = model.pipe.scheduler
-    with bar, forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
         results, cost = search_schedules(error, n, counts, passes=search.passes, radius=search.radius, greedy=True)
     ordered = [results[k] for k in sorted(results, reverse=True)]  # most steps first: thresholds increase
     rows = [ThresholdRow(round(1 - r.computed / n, 4), round(r.computed / n, 4)) for r in ordered]

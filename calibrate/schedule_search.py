@@ -31,6 +31,9 @@ from runtime.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from .models import LoadedModel
+    from .recipe import Recipe
+
 Schedule = frozenset  # of int step indices
 
 
@@ -80,6 +83,33 @@ def forced_schedule(transformer: torch.nn.Module, change: ScheduleChange, num_st
         yield
     finally:
         remove_teacache(transformer)
+
+
+@contextlib.contextmanager
+def schedule_errors(
+    model: LoadedModel, recipe: Recipe, pairs: list[tuple[str, int]]
+) -> Iterator[Callable[[Schedule], list[float]]]:
+    """Within it, ``mse(schedule)``: for each (prompt, seed) pair, the mean squared error against full compute of
+    the output (float64) when the runtime computes only the schedule's steps (:func:`forced_schedule`). Full
+    compute runs first, without hooks. The per-output bound, the searched_schedule rule and the benches measure
+    schedules through it."""
+    import numpy as np
+
+    from .models import output_array
+
+    def output(prompt: str, seed: int) -> np.ndarray:
+        return output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
+
+    fulls = [output(p, s) for p, s in pairs]
+    current: dict[str, Schedule] = {"steps": frozenset()}
+
+    def mse(steps: Schedule) -> list[float]:
+        current["steps"] = steps
+        return [float(np.mean((output(p, s) - full) ** 2)) for (p, s), full in zip(pairs, fulls)]
+
+    scheduler = model.pipe.scheduler
+    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+        yield mse
 
 
 @dataclass

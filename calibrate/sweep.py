@@ -572,25 +572,17 @@ def search_all(
 ) -> tuple[dict[tuple[str, int], dict[float, frozenset]], dict[str, Any]]:
     """The schedule search for every output: ``{(prompt, seed): {budget: steps}}`` and the report for
     sweep.json (settings, cost, and per output and budget the schedule and its gain over uniform)."""
-    from .models import output_array
-    from .schedule_search import ScheduleChange, computed_steps, forced_schedule, search_schedules
+    from .schedule_search import computed_steps, schedule_errors, search_schedules
 
     steps = recipe.num_inference_steps
     counts = {b: computed_steps(b, steps) for b in budgets}
-    current: dict[str, frozenset] = {"steps": frozenset()}
-    scheduler = model.pipe.scheduler
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
     per_output, evaluations, seconds = [], 0, 0.0
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
-        full = output_array(model.generate(prompt, seed, recipe, output_type="np")).astype(np.float64)
-
-        def error(candidate: frozenset) -> float:
-            current["steps"] = candidate
-            return float(np.mean((output_array(model.generate(prompt, seed, recipe, output_type="np")) - full) ** 2))
-
-        with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+        with schedule_errors(model, recipe, [(prompt, seed)]) as mse:
             results, cost = search_schedules(
-                error, steps, list(counts.values()), passes=search["passes"], radius=search["radius"], greedy=search["greedy"]
+                lambda candidate: mse(candidate)[0], steps, list(counts.values()),
+                passes=search["passes"], radius=search["radius"], greedy=search["greedy"],
             )
         schedules[(prompt, seed)] = {b: results[k].steps for b, k in counts.items()}
         evaluations, seconds = evaluations + cost.evaluations, seconds + cost.seconds
