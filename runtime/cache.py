@@ -28,7 +28,13 @@ class TeaCache:
     """
 
     def __init__(self, coefficients: Coefficients, rel_l1_thresh: float | None = None, **overrides: Any) -> None:
-        coefficients.defaults.with_overrides(rel_l1_thresh=rel_l1_thresh, **overrides)  # unknown or bad: refused now
+        settings = coefficients.defaults.with_overrides(rel_l1_thresh=rel_l1_thresh, **overrides)  # unknown or bad: refused now
+        ignored = sorted(k for k in ("warmup_steps", "final_steps", "max_consecutive_skips") if k in overrides)
+        if settings.rule == "searched_schedule" and ignored:
+            raise ConfigError(
+                f"the searched_schedule rule computes exactly its searched steps, so {', '.join(ignored)} does not "
+                "apply to it; pick a schedule with speedup= (or rel_l1_thresh=, the fraction of steps skipped)."
+            )
         self.coefficients = coefficients
         self._rel_l1_thresh = rel_l1_thresh
         self._speedup: float | None = None
@@ -63,12 +69,6 @@ class TeaCache:
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
         rule = overrides.pop("rule", None) or coefficients.defaults.rule
-        ignored = sorted(k for k in ("warmup_steps", "final_steps", "max_consecutive_skips") if k in overrides)
-        if rule == "searched_schedule" and ignored:
-            raise ConfigError(
-                f"the searched_schedule rule computes exactly its searched steps, so {', '.join(ignored)} does not "
-                "apply to it; pick a schedule with speedup= (or rel_l1_thresh=, the fraction of steps skipped)."
-            )
         if rule != coefficients.defaults.rule or rule in coefficients.rules:
             coefficients = coefficients.for_rule(rule)  # that rule's own default threshold and table
         if speedup is not None:
