@@ -129,7 +129,7 @@ def score(c: "Coefficients", traces: "TraceSet", settings: ScoreSettings = Score
 
     from .fitting import threshold_grid
 
-    c = c.for_rule("teacache") if c.defaults.rule != "teacache" else c
+    c = c.for_rule("teacache")
 
     if traces.transformer_class != c.transformer_class:
         raise ScoreError(

@@ -4,7 +4,7 @@ Three stages on the procedural clips of :mod:`reference_video.data` (9 frames of
 and an optional fourth:
 
 1. ``AutoencoderKLWan`` (tiny channels, one down stage: 2x temporal and 2x spatial compression as
-   ``scale_factor_temporal`` / ``scale_factor_spatial`` say, 16 latent channels: 9x32x32x3 -> 5x16x16x16) trained as
+   ``scale_factor_temporal`` / ``scale_factor_spatial`` say, 8 latent channels: 9x32x32x3 -> 5x16x16x8) trained as
    an autoencoder through its own chunked, causal ``_encode`` and the decoder loop of ``_decode`` (without the final
    clamp) with a small KL; the MSE weighs the pixels a shape covers ``1 + vae_foreground_weight`` times (else
    colours wash out). (A 4x/4x VAE of this size rounds 9-pixel squares into circles: the checker then fails a fifth
