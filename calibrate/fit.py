@@ -515,6 +515,7 @@ class SearchSettings:
     budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     passes: int = 1
     radius: int = 1
+    forecasts: tuple[str, ...] = ("reuse", "linear")
 
     def __post_init__(self) -> None:
         for name, low in (("pairs", 0), ("passes", 0), ("radius", 1)):
@@ -527,6 +528,13 @@ class SearchSettings:
             raise FitError(
                 f"search_budgets must list computed fractions in (0, 1), got {list(self.budgets)!r}; pass e.g. "
                 "search_budgets=[0.3,0.5,0.7]."
+            )
+        from runtime.settings import FORECASTS
+
+        if not self.forecasts or len(set(self.forecasts)) != len(self.forecasts) or any(f not in FORECASTS for f in self.forecasts):
+            raise FitError(
+                f"search_forecasts must list distinct forecasts among {', '.join(FORECASTS)}, got {list(self.forecasts)!r}; "
+                "pass e.g. search_forecasts=[reuse,linear]."
             )
 
 
@@ -558,34 +566,45 @@ def searched_variant(
     if not counts:
         raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
     pairs = training_pairs(traces, coefficients, search.pairs)
-    bar = tqdm(desc=f"searched_schedule ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
-    with bar, schedule_errors(model, recipe, pairs) as mse:
+    found: dict[str, Any] = {}  # forecast -> (results per budget, cost)
+    for forecast in search.forecasts:  # one search per forecast; per budget the better schedule is kept
+        bar = tqdm(desc=f"searched_schedule, {forecast} ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
+        with bar, schedule_errors(model, recipe, pairs, forecast) as mse:
 
-        def error(steps: frozenset) -> float:
-            bar.update()
-            return float(np.mean([np.log10(max(m, 1e-12)) for m in mse(steps)]))
+            def error(steps: frozenset) -> float:
+                bar.update()
+                return float(np.mean([np.log10(max(m, 1e-12)) for m in mse(steps)]))
 
-        results, cost = search_schedules(error, n, counts, passes=search.passes, radius=search.radius, greedy=True)
-    ordered = [results[k] for k in sorted(results, reverse=True)]  # most steps first: thresholds increase
+            found[forecast] = search_schedules(error, n, counts, passes=search.passes, radius=search.radius, greedy=True)
+    best = {k: min(search.forecasts, key=lambda f: found[f][0][k].error) for k in counts}
+    results = {k: found[best[k]][0][k] for k in counts}
+    evaluations = sum(cost.evaluations for _, cost in found.values())
+    seconds = sum(cost.seconds for _, cost in found.values())
+    order = sorted(results, reverse=True)  # most steps first: thresholds increase
+    ordered = [results[k] for k in order]
     rows = [ThresholdRow(round(1 - r.computed / n, 4), round(r.computed / n, 4)) for r in ordered]
     report = {
         "pairs": [{"prompt": p, "seed": s} for p, s in pairs],
         "objective": "mean over the pairs of log10 MSE of the output against full compute",
         "psnr": [round(-10 * r.error, 3) for r in ordered],
+        # every forecast searched, so the choice per row can be judged
+        "psnr_by_forecast": {f: [round(-10 * found[f][0][k].error, 3) for k in order] for f in search.forecasts},
         "uniform_psnr": [round(-10 * r.uniform_error, 3) for r in ordered],
         "start": [r.start for r in ordered],
         "passes": search.passes,
         "radius": search.radius,
-        "evaluations": cost.evaluations,
-        "generations": cost.evaluations * len(pairs),
-        "seconds": round(cost.seconds, 1),
+        "evaluations": evaluations,
+        "generations": evaluations * len(pairs),
+        "seconds": round(seconds, 1),
     }
-    log.info("searched_schedule: %d schedules over %d training pairs, %d generations in %.0f s (PSNR on them %s; uniform %s)",
-             len(rows), len(pairs), report["generations"], cost.seconds, report["psnr"], report["uniform_psnr"])
+    log.info("searched_schedule: %d schedules over %d training pairs, %d generations in %.0f s (PSNR on them %s, "
+             "forecasts %s; uniform %s)", len(rows), len(pairs), report["generations"], seconds, report["psnr"],
+             [best[k] for k in order], report["uniform_psnr"])
     entry = {
         "rel_l1_thresh": default_threshold(rows, speedup),
         "thresholds": [row.to_dict() for row in rows],
         "schedules": [sorted(r.steps) for r in ordered],
+        "forecasts": [best[k] for k in order],
         "num_steps": n,
         "fit": report,
     }
@@ -662,6 +681,7 @@ def run_fit(cfg: DictConfig) -> Path:
         budgets=tuple(cfg.get("search_budgets") or ()),
         passes=cfg.get("search_passes", 1),
         radius=cfg.get("search_radius", 1),
+        forecasts=tuple(cfg.get("search_forecasts") or ()),
     )
     settings = FitSettings(
         degree=cfg.degree,

@@ -1,7 +1,8 @@
 """Forced compute schedules and the per-output schedule search: a bound on what any skip rule can reach.
 
 A *schedule* is the set of step indices (per CFG branch, ``0 .. num_steps - 1``) at which the transformer
-runs; at every other step the runtime reuses the cached residual, exactly as TeaCache does when it skips.
+runs; at every other step the runtime adds the cached residual, exactly as TeaCache does when it skips
+(``forecast="reuse"``), or its linear extrapolation from the last two computed residuals (``"linear"``).
 Step 0 is always in it (nothing is cached before it) and both CFG branches follow the same schedule.
 
 The schedule is forced through the runtime itself, not a copy of it: :func:`forced_schedule` hooks
@@ -71,14 +72,21 @@ class ScheduleChange:
 
 
 @contextlib.contextmanager
-def forced_schedule(transformer: torch.nn.Module, change: ScheduleChange, num_steps: Callable[[], int | None]) -> Iterator[None]:
-    """The runtime's TeaCache hooks on ``transformer``, driven by ``change`` instead of the fitted polynomial."""
+def forced_schedule(
+    transformer: torch.nn.Module, change: ScheduleChange, num_steps: Callable[[], int | None],
+    forecast: str | Callable[[], str] = "reuse",
+) -> Iterator[None]:
+    """The runtime's TeaCache hooks on ``transformer``, driven by ``change`` instead of the fitted polynomial; a
+    skipped step adds the residual ``forecast`` says (``runtime.settings.FORECASTS``, or a function giving it
+    per output)."""
     from runtime import DecisionRule
     from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
     from runtime.stats import CacheStats
 
-    rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None)
-    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change))
+    fixed = forecast if isinstance(forecast, str) else "reuse"
+    rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None, forecast=fixed)
+    provider = None if isinstance(forecast, str) else forecast
+    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change, provider))
     try:
         yield
     finally:
@@ -87,7 +95,7 @@ def forced_schedule(transformer: torch.nn.Module, change: ScheduleChange, num_st
 
 @contextlib.contextmanager
 def schedule_errors(
-    model: LoadedModel, recipe: Recipe, pairs: list[tuple[str, int]]
+    model: LoadedModel, recipe: Recipe, pairs: list[tuple[str, int]], forecast: str = "reuse"
 ) -> Iterator[Callable[[Schedule], list[float]]]:
     """Within it, ``mse(schedule)``: for each (prompt, seed) pair, the mean squared error against full compute of
     the output (float64) when the runtime computes only the schedule's steps (:func:`forced_schedule`). Full
@@ -108,7 +116,7 @@ def schedule_errors(
         return [float(np.mean((output(p, s) - full) ** 2)) for (p, s), full in zip(pairs, fulls)]
 
     scheduler = model.pipe.scheduler
-    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps)):
+    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps), forecast):
         yield mse
 
 

@@ -29,11 +29,12 @@ class TeaCache:
 
     def __init__(self, coefficients: Coefficients, rel_l1_thresh: float | None = None, **overrides: Any) -> None:
         settings = coefficients.defaults.with_overrides(rel_l1_thresh=rel_l1_thresh, **overrides)  # unknown or bad: refused now
-        ignored = sorted(k for k in ("warmup_steps", "final_steps", "max_consecutive_skips") if k in overrides)
+        ignored = sorted(k for k in ("warmup_steps", "final_steps", "max_consecutive_skips", "forecast") if k in overrides)
         if settings.rule == "searched_schedule" and ignored:
             raise ConfigError(
-                f"the searched_schedule rule computes exactly its searched steps, so {', '.join(ignored)} does not "
-                "apply to it; pick a schedule with speedup= (or rel_l1_thresh=, the fraction of steps skipped)."
+                f"the searched_schedule rule computes exactly its searched steps, with the forecast each was searched "
+                f"with, so {', '.join(ignored)} does not apply to it; pick a schedule with speedup= (or rel_l1_thresh=, "
+                "the fraction of steps skipped)."
             )
         self.coefficients = coefficients
         self._rel_l1_thresh = rel_l1_thresh
@@ -64,8 +65,9 @@ class TeaCache:
 
         ``rel_l1_thresh`` overrides the file's default threshold; ``speedup`` instead picks the smallest
         threshold whose computed fraction in the file's threshold table is at most ``1 / speedup``.
-        ``overrides`` may set ``warmup_steps``, ``final_steps``, ``max_consecutive_skips`` and ``rule``
-        (a variant the fit calibrated: its own default threshold and table are used).
+        ``overrides`` may set ``warmup_steps``, ``final_steps``, ``max_consecutive_skips``, ``rule`` (a variant
+        the fit calibrated: its own default threshold and table are used) and ``forecast`` (``reuse``, the cached
+        residual, or ``linear``, its extrapolation from the last two computed ones).
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
         rule = overrides.pop("rule", None) or coefficients.defaults.rule

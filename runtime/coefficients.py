@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import CoefficientsError, ConfigError
-from .settings import RULES, DecisionSettings, validate_decision_settings
+from .settings import FORECASTS, RULES, DecisionSettings, validate_decision_settings
 
 SCHEMA = "teacache-coefficients/1"
 SIGNALS = ("modulated_input", "timestep_embedding")
@@ -178,14 +178,25 @@ class Coefficients:
         """The ``searched_schedule`` rule's steps at a threshold, which for this rule is the fraction of steps
         skipped: the searched schedule that skips the most without skipping more than ``rel_l1_thresh`` (every
         step below the table's first row: 0 never skips)."""
+        entry, row = self._searched_row(rel_l1_thresh)
+        return tuple(range(int(entry["num_steps"]))) if row is None else tuple(entry["schedules"][row])
+
+    def searched_forecast(self, rel_l1_thresh: float) -> str:
+        """The forecast the schedule of :meth:`searched_schedule` was searched with (``reuse`` where the file names
+        none: files before forecasts)."""
+        entry, row = self._searched_row(rel_l1_thresh)
+        forecasts = entry.get("forecasts")
+        return "reuse" if row is None or not forecasts else str(forecasts[row])
+
+    def _searched_row(self, rel_l1_thresh: float) -> tuple[Mapping[str, Any], int | None]:
         entry = self.rules.get("searched_schedule")
         if entry is None or "schedules" not in entry:
             self.for_rule("searched_schedule")  # raises, naming the fix
-        chosen: tuple[int, ...] = tuple(range(int(entry["num_steps"])))
-        for row, steps in zip(entry["thresholds"], entry["schedules"]):
+        chosen = None
+        for i, row in enumerate(entry["thresholds"]):
             if row["rel_l1_thresh"] <= rel_l1_thresh + 1e-9:
-                chosen = tuple(steps)
-        return chosen
+                chosen = i
+        return entry, chosen
 
     def for_expert(self, name: str) -> "Coefficients":
         """The file as seen by one expert: its own polynomial, x range, table and default threshold."""
@@ -534,6 +545,7 @@ def _validate(data: Any, origin: str) -> None:
             final_steps=defaults.get("final_steps", 1),
             max_consecutive_skips=defaults.get("max_consecutive_skips"),
             rule=defaults.get("rule", "teacache"),
+            forecast=defaults.get("forecast", "reuse"),
             where=f"{origin}: defaults",
         )
     except ConfigError as exc:
@@ -580,7 +592,7 @@ def _validate(data: Any, origin: str) -> None:
             if name == "teacache":  # the upstream rule's default threshold while another rule is the default
                 keys = {"rel_l1_thresh"}
             if name == "searched_schedule":
-                keys |= {"schedules", "num_steps", "fit"}
+                keys |= {"schedules", "num_steps", "fit", "forecasts"}
             if not isinstance(entry, dict) or "rel_l1_thresh" not in entry or set(entry) - keys:
                 raise _fail(origin, where, f"must be an object with rel_l1_thresh and optional {', '.join(sorted(keys - {'rel_l1_thresh'}))}", refit)
             if own and ("coefficients" in entry) != ("x_range" in entry):
@@ -687,6 +699,11 @@ def _validate_searched(entry: dict, origin: str, where: str) -> None:
             raise _fail(origin, f"{where}.schedules[{i}]", f"must list distinct steps in [0, {n}), step 0 among them, got {_short(steps)}", refit)
         if abs(len(steps) / n - row["computed_fraction"]) > 1e-3:
             raise _fail(origin, f"{where}.schedules[{i}]", f"computes {len(steps)} of {n} steps, but its row says {row['computed_fraction']}", refit)
+    forecasts = entry.get("forecasts")
+    if forecasts is not None and (
+        not isinstance(forecasts, list) or len(forecasts) != len(rows) or not all(f in FORECASTS for f in forecasts)
+    ):
+        raise _fail(origin, f"{where}.forecasts", f"must list one of {', '.join(FORECASTS)} per threshold row ({len(rows)}), got {_short(forecasts)}", refit)
 
 
 def _validate_thresholds(thresholds: Any, origin: str, where: str) -> None:

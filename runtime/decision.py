@@ -50,7 +50,11 @@ class DecisionRule:
     - ``searched_schedule``: compute exactly the steps of the schedule a search over real generations chose
       for the threshold's budget (``rel_l1_thresh`` is then the fraction of steps skipped; the coefficients
       file maps it to its schedule, see ``Coefficients.searched_schedule``). The schedule is the whole plan:
-      step 0 is computed, and warm-up, final steps and the cap on skips in a row do not apply.
+      step 0 is computed, and warm-up, final steps and the cap on skips in a row do not apply; a skipped step
+      adds the residual the row's forecast says (the one its schedule was searched with).
+
+    ``forecast`` (``runtime.settings.FORECASTS``): what a skipped call adds to its input, the cached residual
+    (``reuse``) or its linear extrapolation from the last two computed ones (``linear``).
     """
 
     coefficients: tuple[float, ...]
@@ -63,11 +67,12 @@ class DecisionRule:
     step_weights: tuple[float, ...] | None = None
     schedule: frozenset[int] | None = None
     schedule_steps: int | None = None  # searched_schedule: the step count its schedules were searched for
+    forecast: str = "reuse"  # what a skipped call adds to its input (runtime.settings.FORECASTS)
 
     def __post_init__(self) -> None:
         validate_decision_settings(
             rel_l1_thresh=self.rel_l1_thresh, warmup_steps=self.warmup_steps, final_steps=self.final_steps,
-            max_consecutive_skips=self.max_consecutive_skips, rule=self.rule, where="TeaCache",
+            max_consecutive_skips=self.max_consecutive_skips, rule=self.rule, forecast=self.forecast, where="TeaCache",
         )
         if self.rule == "teacache_dsigma" and not self.step_weights:
             raise ConfigError("the teacache_dsigma rule needs step_weights (one per step); re-fit with `python -m calibrate.fit`.")
@@ -78,10 +83,11 @@ class DecisionRule:
     def of(cls, coefficients: Any, settings: DecisionSettings) -> "DecisionRule":
         """The rule of a :class:`~runtime.coefficients.Coefficients` (or anything with its polynomial
         fields) run with ``settings``."""
-        schedule, schedule_steps = getattr(coefficients, "schedule", None), None
-        if settings.rule == "searched_schedule":  # the searched schedule of the threshold's budget
+        schedule, schedule_steps, forecast = getattr(coefficients, "schedule", None), None, settings.forecast
+        if settings.rule == "searched_schedule":  # the searched schedule of the threshold's budget, and its forecast
             schedule = coefficients.searched_schedule(settings.rel_l1_thresh)
             schedule_steps = int(coefficients.rules["searched_schedule"]["num_steps"])
+            forecast = coefficients.searched_forecast(settings.rel_l1_thresh)
         weights = getattr(coefficients, "step_weights", None)
         return cls(
             coefficients=tuple(coefficients.coefficients),
@@ -94,6 +100,7 @@ class DecisionRule:
             step_weights=tuple(weights) if weights else None,
             schedule=frozenset(schedule) if schedule is not None else None,
             schedule_steps=schedule_steps,
+            forecast=forecast,
         )
 
     @property
@@ -104,6 +111,7 @@ class DecisionRule:
             final_steps=self.final_steps,
             max_consecutive_skips=self.max_consecutive_skips,
             rule=self.rule,
+            forecast=self.forecast,
         )
 
     def weight(self, step: int) -> float:

@@ -184,6 +184,9 @@ class TeaCacheState(BaseState):
         self.previous_signal: torch.Tensor | None = None
         self.anchor_signal: torch.Tensor | None = None  # teacache_drift: the signal of the last computed call
         self.residual: torch.Tensor | None = None
+        self.residual_step = -1  # the step whose computed call stored `residual`
+        self.previous_residual: torch.Tensor | None = None  # forecast linear: the computed residual before it
+        self.previous_residual_step = -1
         self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
 
     def reset(self) -> None:
@@ -239,6 +242,7 @@ class TeaCacheRunner:
         stats: CacheStats,
         num_steps: NumStepsProvider,
         signal_change: SignalChange | None = None,
+        forecast: Callable[[], str] | None = None,
     ) -> None:
         self.transformer = transformer
         self.state_manager = state_manager
@@ -250,6 +254,7 @@ class TeaCacheRunner:
         self.stats = stats
         self.num_steps = num_steps
         self.signal_change = signal_change
+        self.forecast = forecast
         self._warned_no_step_count = False
         # This call's scratch (transformer calls do not interleave): set by the signal and the head.
         self._signal: torch.Tensor | None = None
@@ -289,7 +294,10 @@ class TeaCacheRunner:
     # ----------------------------------------------------------------------------- decision
     def _store_residual(self, layout: BlockLayout, output: Any) -> None:
         state = self._state
+        if self._forecast_kind() == "linear":
+            state.previous_residual, state.previous_residual_step = state.residual, state.residual_step
         state.residual = layout.residual(output, self._stack_input)
+        state.residual_step = state.step - 1  # _decide counted this call already
         state.unfinished = False
         self._stack_input = None
 
@@ -385,12 +393,25 @@ class TeaCacheRunner:
         self._skipping = skipping
         if skipping:
             state.consecutive_skips += 1
-            return self.layouts[0].pack(hidden_states + state.residual, call.get("encoder_hidden_states"))
+            return self.layouts[0].pack(hidden_states + self._forecast(state, state.step - 1), call.get("encoder_hidden_states"))
         state.consecutive_skips = 0
         state.anchor_signal = signal
         state.unfinished = True
         self._stack_input = hidden_states
         return None
+
+
+    def _forecast_kind(self) -> str:
+        return self.forecast() if self.forecast is not None else self.rule.forecast
+
+    def _forecast(self, state: TeaCacheState, step: int) -> torch.Tensor:
+        """The residual a skipped call at ``step`` adds: the cached one (``reuse``), or (``linear``) the line
+        through the branch's last two computed residuals evaluated at ``step``; reuse until two exist."""
+        previous = state.previous_residual
+        if self._forecast_kind() != "linear" or previous is None or previous.shape != state.residual.shape:
+            return state.residual
+        slope = (step - state.residual_step) / (state.residual_step - state.previous_residual_step)
+        return state.residual + (state.residual - previous) * slope
 
 
 @dataclass
@@ -403,7 +424,9 @@ class TeaCacheConfig:
     - ``num_inference_steps``: the step count (to force the final steps), or a function giving it per
       generation (a pipeline's scheduler); None when unknown;
     - ``signal_change``: ``(signal, previous, state, branch) -> x`` in place of the relative L1 change
-      (the sweep's oracle and forced schedules use it).
+      (the sweep's oracle and forced schedules use it);
+    - ``forecast``: a function giving, per call, the forecast in place of the rule's (forced schedules whose
+      forecast changes from one output to the next); None: the rule's.
     """
 
     rule: DecisionRule
@@ -411,6 +434,7 @@ class TeaCacheConfig:
     stats: CacheStats = field(default_factory=CacheStats)
     num_inference_steps: int | NumStepsProvider | None = None
     signal_change: SignalChange | None = None
+    forecast: Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rule, DecisionRule):
@@ -429,7 +453,7 @@ class TeaCacheConfig:
 def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRunner:
     """Hook TeaCache into ``transformer`` as ``config`` says; undo with :func:`remove_teacache`."""
     rule, signal, stats = config.rule, config.signal, config.stats
-    num_steps, signal_change = config.steps_provider(), config.signal_change
+    num_steps, signal_change, forecast = config.steps_provider(), config.signal_change, config.forecast
     adapter = adapter_for(transformer)
     if is_applied(transformer):
         raise TeaCacheError(
@@ -445,7 +469,7 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRu
     layouts = [adapter.layout(block) for block in blocks]  # fail before registering anything
     source = adapter.signal_source(transformer, signal)
     manager = BranchStates(TeaCacheState)
-    runner = TeaCacheRunner(transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change)
+    runner = TeaCacheRunner(transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change, forecast)
 
     existed = hasattr(transformer, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(transformer)

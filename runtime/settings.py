@@ -6,7 +6,11 @@ replay and the sweep all hold this one validated object.
 - ``final_steps``: trailing steps always computed (needs the step count);
 - ``max_consecutive_skips``: a cap on skips in a row, ``None`` for no cap;
 - ``rule``: which decision rule runs (``runtime.rules``); files without it mean ``teacache``, the
-  upstream accumulate-and-threshold rule.
+  upstream accumulate-and-threshold rule;
+- ``forecast``: what a skipped call adds to its input: ``reuse``, the last computed residual (TeaCache's own
+  behaviour; files without the field mean it), or ``linear``, that residual extrapolated along the line through
+  the branch's last two computed residuals, by step index (a first-order forecast, as TaylorSeer makes of
+  attention outputs).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .errors import ConfigError
 RULES = ("teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fixed_schedule", "searched_schedule")
 #: Rules whose steps are set by a schedule, not by x (x is still measured and recorded).
 SCHEDULE_RULES = ("fixed_schedule", "searched_schedule")
+#: What a skipped call adds to its input (see the module's docstring).
+FORECASTS = ("reuse", "linear")
 
 
 def _is_number(value: Any) -> bool:
@@ -41,6 +47,7 @@ class DecisionSettings:
     final_steps: int = 1
     max_consecutive_skips: int | None = None
     rule: str = "teacache"
+    forecast: str = "reuse"
 
     def __post_init__(self) -> None:
         validate_decision_settings(**dataclasses.asdict(self), where="decision settings")
@@ -64,10 +71,13 @@ class DecisionSettings:
         return self.with_overrides(max_consecutive_skips=max_skips if cap is None else min(cap, max_skips))
 
     def to_dict(self) -> dict[str, Any]:
-        """The file's ``defaults`` object (``rule`` left out when it is the upstream rule, as old files)."""
+        """The file's ``defaults`` object (``rule`` and ``forecast`` left out when they are the upstream rule's,
+        as in old files)."""
         out = dataclasses.asdict(self)
         if out["rule"] == "teacache":
             del out["rule"]
+        if out["forecast"] == "reuse":
+            del out["forecast"]
         return out
 
 
@@ -76,7 +86,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DecisionSettings))
 
 def validate_decision_settings(
     *, rel_l1_thresh: Any, warmup_steps: Any = 1, final_steps: Any = 1, max_consecutive_skips: Any = None,
-    rule: Any = "teacache", where: str,
+    rule: Any = "teacache", forecast: Any = "reuse", where: str,
 ) -> None:
     """Raise :class:`ConfigError` naming the first decision setting outside its valid range."""
     if not _is_number(rel_l1_thresh) or not math.isfinite(rel_l1_thresh) or rel_l1_thresh < 0:
@@ -93,3 +103,8 @@ def validate_decision_settings(
         )
     if rule not in RULES:
         raise ConfigError(f"{where}: rule must be one of {', '.join(RULES)}, got {rule!r}.")
+    if forecast not in FORECASTS:
+        raise ConfigError(
+            f"{where}: forecast must be one of {', '.join(FORECASTS)}, got {forecast!r} (reuse: the cached residual "
+            "as TeaCache does; linear: extrapolated from the last two computed residuals)."
+        )

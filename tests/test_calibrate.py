@@ -505,6 +505,13 @@ def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qw
     assert len(pairs) == 2 and not {p for p, _ in pairs} & set(c.fit["heldout_prompts"])
     assert not {s for _, s in pairs} & set(c.fit["heldout_seeds"])
     assert all(a >= b - 1e-9 for a, b in zip(entry["fit"]["psnr"], entry["fit"]["uniform_psnr"]))
+    # one search per forecast; each row keeps the better one, and the runtime runs the row with it
+    by_forecast = entry["fit"]["psnr_by_forecast"]
+    assert set(by_forecast) == {"reuse", "linear"}
+    for i, forecast in enumerate(entry["forecasts"]):
+        assert entry["fit"]["psnr"][i] == max(by_forecast["reuse"][i], by_forecast["linear"][i])
+        assert by_forecast[forecast][i] == entry["fit"]["psnr"][i]
+        assert TeaCache.from_coefficients(path, rule="searched_schedule", rel_l1_thresh=entry["thresholds"][i]["rel_l1_thresh"]).rule.forecast == forecast
 
     cfg = compose_cfg("record", ["model=tiny_qwen_image"])
     loaded = load_model(cfg.model, "cpu", torch.float32)

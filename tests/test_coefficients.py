@@ -153,6 +153,9 @@ def test_missing_schema(tmp_path):
         # searched_schedule: a step count and one schedule per row, in range, with step 0, of the row's size
         ({"defaults": {"rel_l1_thresh": 0.1, "rule": "searched_schedule"}}, "rules.searched_schedule"),
         ({"rules": {"searched_schedule": searched_entry(num_steps=0)}}, r"rules.searched_schedule.num_steps"),
+        ({"rules": {"searched_schedule": searched_entry(forecasts=["linear"])}}, r"rules.searched_schedule.forecasts"),
+        ({"rules": {"searched_schedule": searched_entry(forecasts=["linear", "cubic"])}}, r"rules.searched_schedule.forecasts"),
+        ({"defaults": {"rel_l1_thresh": 0.1, "forecast": "quadratic"}}, r"forecast must be one of reuse, linear"),
         ({"rules": {"searched_schedule": searched_entry(thresholds=[], schedules=[])}}, r"rules.searched_schedule.thresholds"),
         ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 7]])}}, r"rules.searched_schedule.schedules"),
         ({"rules": {"searched_schedule": searched_entry(schedules=[[0, 1, 2, 3, 9], [0, 3, 7, 4]])}},
@@ -243,6 +246,18 @@ def test_searched_schedule_runs_the_schedule_of_the_skipped_fraction(tmp_path):
     assert TeaCache.from_coefficients(chosen).rule.schedule == frozenset({0, 1, 3, 7})  # the entry's default
     with pytest.raises(ConfigError, match="final_steps does not apply"):
         TeaCache.from_coefficients(path, rule="searched_schedule", final_steps=2)
+    # files before forecasts: every row reuses the residual; with forecasts, each row runs its own
+    assert {TeaCache.from_coefficients(path, rule="searched_schedule", rel_l1_thresh=t).rule.forecast for t in (0.0, 0.4, 0.5)} == {"reuse"}
+    mixed = write(tmp_path, valid_document(rules={"searched_schedule": searched_entry(forecasts=["reuse", "linear"])}), "mixed.json")
+    assert [TeaCache.from_coefficients(mixed, rule="searched_schedule", rel_l1_thresh=t).rule.forecast for t in (0.0, 0.4, 0.5)] == [
+        "reuse", "reuse", "linear"]
+    with pytest.raises(ConfigError, match="forecast does not apply"):
+        TeaCache.from_coefficients(mixed, rule="searched_schedule", forecast="reuse")
+    # any other rule takes forecast= as a setting; the file's defaults leave it out when it is reuse
+    assert TeaCache.from_coefficients(mixed, forecast="linear").rule.forecast == "linear"
+    assert TeaCache.from_coefficients(mixed).rule.forecast == "reuse" and "forecast" not in load_coefficients(mixed).to_dict()["defaults"]
+    with pytest.raises(ConfigError, match="forecast must be one of reuse, linear"):
+        TeaCache.from_coefficients(mixed, forecast="quadratic")
     with pytest.raises(CoefficientsError, match=r"no searched schedules .*calibrate.fit model=toy search=8"):
         TeaCache.from_coefficients(write(tmp_path, valid_document(), "plain.json"), rule="searched_schedule")
 
