@@ -5,9 +5,10 @@
 Reads a sweep's ``sweep.json`` (``sweep/<model>/sweep.json``, run with ``schedule_search``), takes its first
 ``--outputs`` held-out outputs, and searches the one schedule per budget that serves *those very outputs* best
 (mean PSNR against full compute; the sweep's search settings, ``calibrate.schedule_search.search_schedules``
-with passes 2, radius 1, greedy). No schedule shared by these outputs can beat it, so its distance to the
-per-output search is what sharing a schedule costs; beside both, the file's ``searched_schedule`` (searched
-on training pairs, not on these outputs) on the same outputs.
+with passes 2, radius 1, greedy, once per forecast, the better kept per budget). No schedule shared by these
+outputs can beat it, so its distance to the per-output search is what sharing a schedule costs; beside both,
+the file's ``searched_schedule`` (searched on training pairs, not on these outputs) on the same outputs, each
+row with its own forecast.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--coefficients", type=Path, default=None,
                         help="the file whose searched schedules to score (default coefficients/<model>.json)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--forecasts", type=lambda v: v.split(","), default=["reuse", "linear"],
+                        help="what a skipped step adds, one search each (comma-separated; the sweep's default: reuse,linear)")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sweep", overrides=[f"model={args.model}"])
@@ -53,25 +56,32 @@ def main() -> None:
     source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
     entry = load_coefficients(str(source)).rules["searched_schedule"]
     counts = {b: computed_steps(b, n) for b in budgets}
-    start = time.perf_counter()
-    with schedule_errors(model, recipe, work) as mse:
+    start, found, evaluations = time.perf_counter(), {}, 0
+    searched_psnr: dict[int, float] = {}
+    for forecast in args.forecasts:  # one in-sample search per forecast; per budget the better is kept
+        with schedule_errors(model, recipe, work, forecast) as mse:
 
-        def psnrs(steps) -> list[float]:
-            return [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(frozenset(steps))]
+            def psnrs(steps) -> list[float]:
+                return [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(frozenset(steps))]
 
-        results, cost = search_schedules(lambda steps: -float(np.mean(psnrs(steps))) / 10, n, list(counts.values()),
-                                         passes=2, radius=1, greedy=True)
-        rows = []
-        for budget, k in counts.items():
-            searched = [s for s in entry["schedules"] if len(s) == k]
-            rows.append({
-                "budget": budget, "computed_steps": k,
-                "per_output_search_psnr": round(float(np.mean([per_output[w][budget] for w in work])), 3),
-                "shared_in_sample_psnr": round(-10 * results[k].error, 3),
-                "shared_in_sample_steps": sorted(results[k].steps),
-                "searched_schedule_psnr": round(float(np.mean(psnrs(searched[0]))), 3) if searched else None,
-            })
-    print(f"{args.model}: {len(work)} held-out outputs, {cost.evaluations} shared schedules searched in "
+            found[forecast], cost = search_schedules(lambda steps: -float(np.mean(psnrs(steps))) / 10, n,
+                                                     list(counts.values()), passes=2, radius=1, greedy=True)
+            evaluations += cost.evaluations
+            for steps, row_forecast in zip(entry["schedules"], entry.get("forecasts") or ["reuse"] * len(entry["schedules"])):
+                if row_forecast == forecast and len(steps) in counts.values():  # the file's row, run as the runtime runs it
+                    searched_psnr[len(steps)] = float(np.mean(psnrs(steps)))
+    rows = []
+    for budget, k in counts.items():
+        best = min(args.forecasts, key=lambda f: found[f][k].error)
+        rows.append({
+            "budget": budget, "computed_steps": k,
+            "per_output_search_psnr": round(float(np.mean([per_output[w][budget] for w in work])), 3),
+            "shared_in_sample_psnr": round(-10 * found[best][k].error, 3),
+            "shared_in_sample_steps": sorted(found[best][k].steps),
+            "shared_in_sample_forecast": best,
+            "searched_schedule_psnr": round(searched_psnr[k], 3) if k in searched_psnr else None,
+        })
+    print(f"{args.model}: {len(work)} held-out outputs, {evaluations} shared schedules searched in "
           f"{time.perf_counter() - start:.0f} s")
     print(f"{'budget':>7}{'per-output':>12}{'shared, in-sample':>19}{'searched_schedule':>19}")
     for r in rows:
@@ -80,7 +90,7 @@ def main() -> None:
     print("mean PSNR (dB) against full compute over the outputs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "outputs": len(work), "evaluations": cost.evaluations,
+        args.json.write_text(json.dumps({"model": args.model, "outputs": len(work), "evaluations": evaluations, "forecasts": args.forecasts,
                                          "rows": rows}, indent=1))
 
 

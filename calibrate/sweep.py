@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -213,13 +214,15 @@ def method_applied(
         yield
     elif method in BUDGETED:
         steps = extras["steps"]
+        forecast: Any = "reuse"
         if method == "uniform":
             change = ScheduleChange(uniform_schedule(steps, computed_steps(setting, steps)))
         else:
             schedules = extras["schedules"]
-            change = ScheduleChange(lambda: schedules[extras["current"]["key"]][setting])
+            change = ScheduleChange(lambda: schedules[extras["current"]["key"]][setting][0])
+            forecast = lambda: schedules[extras["current"]["key"]][setting][1]  # noqa: E731 (per output)
         scheduler = model.pipe.scheduler
-        with forced_schedule(transformer, change, lambda: len(scheduler.timesteps)):
+        with forced_schedule(transformer, change, lambda: len(scheduler.timesteps), forecast):
             yield
     elif method == "teacache":  # the upstream rule, whichever rule is the file's default
         with TeaCache.from_coefficients(coefficients, rule="teacache", rel_l1_thresh=setting).apply(model.pipe):
@@ -246,6 +249,7 @@ def method_applied(
             taylor = extras["taylorseer"]
             config = TaylorSeerCacheConfig(
                 cache_interval=int(setting),
+                cache_identifiers=taylorseer_identifiers(transformer),
                 disable_cache_before_step=int(taylor["disable_cache_before_step"]),
                 max_order=int(taylor["max_order"]),
                 taylor_factors_dtype=getattr(torch, str(taylor["factors_dtype"])),
@@ -266,6 +270,16 @@ def method_applied(
             transformer._reset_stateful_cache()
     else:
         raise ConfigError(f"unknown method {method!r}; methods are {', '.join(METHODS)}.")
+
+
+def taylorseer_identifiers(transformer: torch.nn.Module) -> list[str]:
+    """The attention modules of every block, as TaylorSeer's ``cache_identifiers``. diffusers' defaults
+    (``^blocks.*attn`` and the like, under ``re.fullmatch``) mean every block's attention but match only names
+    ending in ``attn``: Wan's ``attn1``/``attn2`` escape them, and TaylorSeer then hooks nothing and computes
+    every step (0.42.1). These patterns name the same modules on the other families."""
+    from runtime.adapters import adapter_for
+
+    return [rf"{re.escape(name)}\.\d+\.attn\d*" for name in adapter_for(transformer).block_lists]
 
 
 def run_sweep(cfg: DictConfig) -> Path:
@@ -564,40 +578,57 @@ def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) 
             )
     if not isinstance(search.get("greedy"), bool):
         raise ConfigError(f"schedule_search.greedy must be true or false, got {search.get('greedy')!r}.")
+    from runtime.settings import FORECASTS
+
+    forecasts = list(search.get("forecasts") or [])
+    if not forecasts or len(set(forecasts)) != len(forecasts) or any(f not in FORECASTS for f in forecasts):
+        raise ConfigError(
+            f"schedule_search.forecasts must list distinct forecasts among {', '.join(FORECASTS)}, got {forecasts!r}; "
+            "pass e.g. schedule_search.forecasts=[reuse,linear]."
+        )
+    search["forecasts"] = forecasts
     return search
 
 
 def search_all(
     model: LoadedModel, recipe: Recipe, work: list[tuple[str, int]], budgets: list[float], search: dict[str, Any]
 ) -> tuple[dict[tuple[str, int], dict[float, frozenset]], dict[str, Any]]:
-    """The schedule search for every output: ``{(prompt, seed): {budget: steps}}`` and the report for
-    sweep.json (settings, cost, and per output and budget the schedule and its gain over uniform)."""
+    """The schedule search for every output: ``{(prompt, seed): {budget: (steps, forecast)}}`` and the report for
+    sweep.json (settings, cost, and per output and budget the schedule, its forecast and its gain over uniform).
+    One search per forecast of ``search["forecasts"]``; per output and budget the better result is kept."""
     from .schedule_search import computed_steps, schedule_errors, search_schedules
 
     steps = recipe.num_inference_steps
     counts = {b: computed_steps(b, steps) for b in budgets}
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
-    per_output, evaluations, seconds = [], 0, 0.0
+    per_output, evaluations, seconds, output_evaluations = [], 0, 0.0, 0
+    forecasts = list(search.get("forecasts") or ["reuse"])
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
-        with schedule_errors(model, recipe, [(prompt, seed)]) as mse:
-            results, cost = search_schedules(
-                lambda candidate: mse(candidate)[0], steps, list(counts.values()),
-                passes=search["passes"], radius=search["radius"], greedy=search["greedy"],
-            )
-        schedules[(prompt, seed)] = {b: results[k].steps for b, k in counts.items()}
-        evaluations, seconds = evaluations + cost.evaluations, seconds + cost.seconds
+        found = {}
+        for forecast in forecasts:  # per budget, the better of each forecast's search
+            with schedule_errors(model, recipe, [(prompt, seed)], forecast) as mse:
+                found[forecast], cost = search_schedules(
+                    lambda candidate: mse(candidate)[0], steps, list(counts.values()),
+                    passes=search["passes"], radius=search["radius"], greedy=search["greedy"],
+                )
+            evaluations, seconds, output_evaluations = evaluations + cost.evaluations, seconds + cost.seconds, cost.evaluations
+        best = {k: min(forecasts, key=lambda f: found[f][k].error) for k in counts.values()}
+        results = {k: found[best[k]][k] for k in counts.values()}
+        schedules[(prompt, seed)] = {b: (results[k].steps, best[k]) for b, k in counts.items()}
         per_output.append({
             "prompt": prompt,
             "seed": seed,
-            "evaluations": cost.evaluations,
+            "evaluations": output_evaluations,
             "budgets": [
                 {
                     "budget": b,
                     "computed_steps": k,
                     "steps": sorted(results[k].steps),
+                    "forecast": best[k],
                     "start": results[k].start,
                     "psnr": round(_db(results[k].error), 3),
-                    "uniform_psnr": round(_db(results[k].uniform_error), 3),
+                    "psnr_by_forecast": {f: round(_db(found[f][k].error), 3) for f in forecasts},
+                    "uniform_psnr": round(_db(found["reuse"][k].uniform_error if "reuse" in found else results[k].uniform_error), 3),
                 }
                 for b, k in counts.items()
             ],

@@ -85,6 +85,51 @@ def test_forced_schedule_computes_exactly_the_requested_steps(model, schedule):
     assert np.array_equal(generate(model), full)  # removed: full compute again
 
 
+def test_linear_forecast_extrapolates_the_last_two_computed_residuals(model):
+    """forecast="linear": a skipped call adds r_a + (r_a - r_b) (k - a) / (a - b), r_a and r_b the branch's last two
+    computed residuals (stack output - stack input) at steps a > b; with one residual so far, r_a itself. Checked
+    against the stack's real input (img_in's output) and output (norm_out's input) per call, in both branches."""
+    transformer, scheduler = model.transformer, model.pipe.scheduler
+    schedule = {0, 2, 5}
+    seen = []  # per call: (stack input, stack output)
+    handles = [
+        transformer.img_in.register_forward_hook(lambda m, a, out: seen.append([out.detach().clone()])),
+        transformer.norm_out.register_forward_pre_hook(lambda m, a: seen[-1].append(a[0].detach().clone())),
+    ]
+    try:
+        with forced_schedule(transformer, ScheduleChange(frozenset(schedule)), lambda: len(scheduler.timesteps), "linear"):
+            generate(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 2 * STEPS
+    for branch in (0, 1):  # cond, uncond calls alternate
+        residuals = {}
+        for step in range(STEPS):
+            h, out = seen[2 * step + branch]
+            if step in schedule:
+                residuals[step] = out - h
+                continue
+            done = sorted(residuals)
+            if len(done) == 1:
+                expected = residuals[done[-1]]
+            else:
+                b, a = done[-2], done[-1]
+                expected = residuals[a] + (residuals[a] - residuals[b]) * (step - a) / (a - b)
+            torch.testing.assert_close(out - h, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_forecast_is_reuse_until_two_residuals_exist(model):
+    scheduler = model.pipe.scheduler
+    images = {}
+    for forecast in ("reuse", "linear"):
+        for schedule in ({0}, {0, 3}):
+            with forced_schedule(model.transformer, ScheduleChange(frozenset(schedule)), lambda: len(scheduler.timesteps), forecast):
+                images[(forecast, len(schedule))] = generate(model)
+    assert np.array_equal(images[("reuse", 1)], images[("linear", 1)])  # one residual only: nothing to extrapolate
+    assert not np.array_equal(images[("reuse", 2)], images[("linear", 2)])  # steps 4-7 extrapolate from 0 and 3
+
+
 def test_uniform_schedule_and_budgets():
     assert uniform_schedule(25, 8) == {0, 3, 7, 10, 14, 17, 21, 24}
     assert uniform_schedule(8, 1) == {0} and uniform_schedule(8, 8) == set(range(8))
@@ -144,6 +189,29 @@ def test_taylorseer_probe_counts_predicted_attention_as_skipped(model):
             assert probe.computed == expected and np.array_equal(image, full)
         else:
             assert probe.computed < 2 * STEPS and not np.array_equal(image, full)
+
+
+def test_taylorseer_identifiers_reach_wan_attention():
+    """diffusers' default TaylorSeer patterns hook no module of Wan (attn1/attn2 under re.fullmatch), so it computes
+    every step; the sweep's identifiers hook every block's attention, and the probe sees predicted calls."""
+    from diffusers import TaylorSeerCacheConfig
+
+    from calibrate.sweep import taylorseer_identifiers
+
+    wan = load_model(compose_cfg("sweep", ["model=reference_video"]).model, "cpu", torch.float32)
+    recipe = Recipe(num_inference_steps=8, height=32, width=32, num_frames=9, guidance=5.0, negative_prompt="")
+    computed = {}
+    for name, identifiers in (("default", None), ("sweep", taylorseer_identifiers(wan.transformer))):
+        wan.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, cache_identifiers=identifiers, taylor_factors_dtype=torch.float32))
+        probe = ComputeProbe(wan.transformer)
+        try:
+            wan.generate("a red circle moving right", 1000, recipe, output_type="np")
+        finally:
+            probe.remove()
+            wan.transformer.disable_cache()
+        computed[name] = (probe.computed, probe.calls)
+    assert computed["default"] == (16, 16)
+    assert computed["sweep"][1] == 16 and computed["sweep"][0] < 16
 
 
 def test_perceptual_score_of_full_against_full_is_perfect():
@@ -212,6 +280,11 @@ def test_sweep_rows_for_the_new_methods(tmp_path):
     assert rows[("schedule_search", 0.5)]["psnr"] >= rows[("uniform", 0.5)]["psnr"]
     search = document["schedule_search"]
     assert search["evaluations"] > 0 and search["per_output"][0]["budgets"][0]["computed_steps"] == 4
+    # one search per forecast, the better kept; the row is generated with the kept schedule and its forecast
+    budget = search["per_output"][0]["budgets"][0]
+    assert set(budget["psnr_by_forecast"]) == {"reuse", "linear"}
+    assert budget["psnr"] == max(budget["psnr_by_forecast"].values()) == budget["psnr_by_forecast"][budget["forecast"]]
+    assert rows[("schedule_search", 0.5)]["psnr"] == pytest.approx(budget["psnr"], abs=2e-3)
     assert (out / "pareto.png").stat().st_size > 10_000
 
 
@@ -222,6 +295,7 @@ def test_sweep_rows_for_the_new_methods(tmp_path):
         (["methods=[schedule_search]", "schedule_search.passes=-1"], "schedule_search.passes must be an integer >= 0"),
         (["methods=[schedule_search]", "schedule_search.radius=0"], "schedule_search.radius must be an integer >= 1"),
         (["methods=[uniform,tayloseer]"], "unknown method 'tayloseer'"),
+        (["methods=[schedule_search]", "schedule_search.forecasts=[reuse,cubic]"], "schedule_search.forecasts must list"),
         (["methods=[taylorseer]", "taylorseer.factors_dtype=float8"], "taylorseer.factors_dtype='float8' is not"),
         (["methods=[taylorseer]", "thresholds.taylorseer=[0,2]"], "cache intervals, integers >= 1"),
     ],
