@@ -10,14 +10,16 @@ On prompts and seeds the fit never saw, side by side in one run:
 - ``oracle``: the same accumulate-and-threshold rule as TeaCache, driven by the true output change
   measured in full compute instead of the fitted polynomial;
 - ``taylorseer``: diffusers' TaylorSeer (``TaylorSeerCacheConfig``: attention outputs predicted by a Taylor
-  expansion between full steps) over its ``cache_interval`` grid (1 computes every step);
+  expansion between full steps) over its ``cache_interval`` grid (1 computes every step), on every block's
+  attention (:func:`taylorseer_identifiers`);
 - the rule variants (``teacache_dsigma``, ``teacache_joint``, ``teacache_drift``, ``fixed_schedule``,
   ``searched_schedule``), each from the same file over its own calibrated table;
 - ``uniform``: a fixed schedule, the same for every output: at each budget (a computed fraction) that many
   steps spread evenly, forced through our runtime. The simplest content-independent control;
 - ``schedule_search``: per output and budget, the schedule (which steps to compute) with the smallest
   error of the final image against full compute, found by a search over real generations
-  (calibrate/schedule_search.py): the bound no skip rule should beat.
+  (calibrate/schedule_search.py), once per forecast (``schedule_search.forecasts``: what a skipped step
+  adds), the better kept: the bound no skip rule should beat.
 
 Per setting: PSNR and SSIM against full compute (LPIPS when its weights are already on disk), the
 reference model's own judge (calibrate.metrics.Perceptual: agreement with full compute's verdict and a
