@@ -1,0 +1,72 @@
+"""What the linear forecast adds to the x-driven rules: each rule at its own table's thresholds, with the
+residual reused and with it extrapolated, on the sweep's held-out outputs.
+
+    python bench/forecast_gain.py --model reference [--outputs 8] [--json PATH]
+
+Per rule and threshold: the computed fraction and the mean PSNR against full compute over the outputs (each
+capped at 100 dB), for ``forecast="reuse"`` and ``forecast="linear"``. The outputs are the first ``--outputs``
+of ``sweep/<model>/sweep.json`` (held-out prompts, seed 1000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.models import load_model, output_array
+    from calibrate.recipe import Recipe
+    from calibrate.sweep import teacache_thresholds
+    from runtime import TeaCache
+    from runtime.coefficients import load_coefficients
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--outputs", type=int, default=8)
+    parser.add_argument("--rules", default="teacache,teacache_drift", help="comma-separated rules of the file")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sweep", overrides=[f"model={args.model}"])
+    sweep = json.loads((ROOT / "sweep" / args.model / "sweep.json").read_text())
+    work = [(o["prompt"], o["seed"]) for o in sweep["outputs"]][: args.outputs]
+    recipe = Recipe.from_config(cfg)
+    model = load_model(cfg.model, "cpu", torch.float32)
+    coefficients = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json"))
+
+    def outputs() -> list[np.ndarray]:
+        return [output_array(model.generate(p, s, recipe, output_type="np")).astype(np.float64) for p, s in work]
+
+    fulls = outputs()
+    rows = []
+    for rule in args.rules.split(","):
+        for thresh in teacache_thresholds(coefficients.for_rule(rule), 6)[1:]:
+            row = {"rule": rule, "rel_l1_thresh": thresh}
+            for forecast in ("reuse", "linear"):
+                with TeaCache.from_coefficients(coefficients, rule=rule, rel_l1_thresh=thresh, forecast=forecast).apply(model.pipe) as cache:
+                    images = outputs()
+                stats = cache.stats.values()
+                row[f"{forecast}_computed"] = round(sum(s.computed for s in stats) / max(1, sum(s.calls for s in stats)), 4)
+                mse = [max(float(np.mean((a - b) ** 2)), 1e-10) for a, b in zip(images, fulls)]
+                row[f"{forecast}_psnr"] = round(float(np.mean([-10 * np.log10(m) for m in mse])), 3)
+            rows.append(row)
+            print(f"{rule:<16} {thresh:>8.4g}  reuse {row['reuse_computed']:.3f} {row['reuse_psnr']:6.2f} dB   "
+                  f"linear {row['linear_computed']:.3f} {row['linear_psnr']:6.2f} dB", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "outputs": len(work), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
