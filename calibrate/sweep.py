@@ -603,17 +603,18 @@ def search_all(
     steps = recipe.num_inference_steps
     counts = {b: computed_steps(b, steps) for b in budgets}
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
-    per_output, evaluations, seconds, output_evaluations = [], 0, 0.0, 0
+    per_output, evaluations, seconds = [], 0, 0.0
     forecasts = list(search.get("forecasts") or ["reuse"])
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
-        found = {}
+        found, output_evaluations = {}, 0
         for forecast in forecasts:  # per budget, the better of each forecast's search
             with schedule_errors(model, recipe, [(prompt, seed)], forecast) as mse:
                 found[forecast], cost = search_schedules(
                     lambda candidate: mse(candidate)[0], steps, list(counts.values()),
                     passes=search["passes"], radius=search["radius"], greedy=search["greedy"],
                 )
-            evaluations, seconds, output_evaluations = evaluations + cost.evaluations, seconds + cost.seconds, cost.evaluations
+            evaluations, seconds = evaluations + cost.evaluations, seconds + cost.seconds
+            output_evaluations += cost.evaluations
         best = {k: min(forecasts, key=lambda f: found[f][k].error) for k in counts.values()}
         results = {k: found[best[k]][k] for k in counts.values()}
         schedules[(prompt, seed)] = {b: (results[k].steps, best[k]) for b, k in counts.items()}
