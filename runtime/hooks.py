@@ -400,7 +400,6 @@ class TeaCacheRunner:
         self._stack_input = hidden_states
         return None
 
-
     def _forecast_kind(self) -> str:
         return self.forecast() if self.forecast is not None else self.rule.forecast
 
