@@ -14,7 +14,8 @@ Three parts, one role each:
 
   - the signal's module: this call's signal, read where the model's adapter says it lives;
   - the head block: the decision, with one device-to-host read; on a skip it returns the stack
-    input plus the cached residual in place of the head's output;
+    input plus the cached residual (``forecast="linear"``: extrapolated from the last two) in place of
+    the head's output;
   - every other block: passes its input through on a skip; the tail stores
     ``residual = stack output - stack input`` on a computed call.
 
