@@ -14,6 +14,7 @@ row with its own forecast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ def main() -> None:
 
     from calibrate.models import load_model
     from calibrate.recipe import Recipe
-    from calibrate.schedule_search import computed_steps, schedule_errors, search_schedules
+    from calibrate.schedule_search import computed_steps, schedule_errors, search_each_forecast
     from runtime.coefficients import load_coefficients
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,29 +57,33 @@ def main() -> None:
     source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
     entry = load_coefficients(str(source)).rules["searched_schedule"]
     counts = {b: computed_steps(b, n) for b in budgets}
-    start, found, evaluations = time.perf_counter(), {}, 0
+    start = time.perf_counter()
     searched_psnr: dict[int, float] = {}
-    for forecast in args.forecasts:  # one in-sample search per forecast; per budget the better is kept
+    row_forecasts = entry.get("forecasts") or ["reuse"] * len(entry["schedules"])
+
+    @contextlib.contextmanager
+    def objective(forecast: str):
         with schedule_errors(model, recipe, work, forecast) as mse:
 
             def psnrs(steps) -> list[float]:
                 return [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(frozenset(steps))]
 
-            found[forecast], cost = search_schedules(lambda steps: -float(np.mean(psnrs(steps))) / 10, n,
-                                                     list(counts.values()), passes=2, radius=1, greedy=True)
-            evaluations += cost.evaluations
-            for steps, row_forecast in zip(entry["schedules"], entry.get("forecasts") or ["reuse"] * len(entry["schedules"])):
+            for steps, row_forecast in zip(entry["schedules"], row_forecasts):
                 if row_forecast == forecast and len(steps) in counts.values():  # the file's row, run as the runtime runs it
                     searched_psnr[len(steps)] = float(np.mean(psnrs(steps)))
+            yield lambda steps: -float(np.mean(psnrs(steps))) / 10
+
+    # one in-sample search per forecast; per budget the better is kept
+    found = search_each_forecast(objective, args.forecasts, n, list(counts.values()), passes=2, radius=1, greedy=True)
+    evaluations = found.cost.evaluations
     rows = []
     for budget, k in counts.items():
-        best = min(args.forecasts, key=lambda f: found[f][k].error)
         rows.append({
             "budget": budget, "computed_steps": k,
             "per_output_search_psnr": round(float(np.mean([per_output[w][budget] for w in work])), 3),
-            "shared_in_sample_psnr": round(-10 * found[best][k].error, 3),
-            "shared_in_sample_steps": sorted(found[best][k].steps),
-            "shared_in_sample_forecast": best,
+            "shared_in_sample_psnr": round(-10 * found.results[k].error, 3),
+            "shared_in_sample_steps": sorted(found.results[k].steps),
+            "shared_in_sample_forecast": found.forecasts[k],
             "searched_schedule_psnr": round(searched_psnr[k], 3) if k in searched_psnr else None,
         })
     print(f"{args.model}: {len(work)} held-out outputs, {evaluations} shared schedules searched in "

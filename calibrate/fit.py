@@ -18,13 +18,14 @@ With no arguments it fits what ``python -m calibrate.record`` with no arguments 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import hydra
 import numpy as np
@@ -529,13 +530,9 @@ class SearchSettings:
                 f"search_budgets must list computed fractions in (0, 1), got {list(self.budgets)!r}; pass e.g. "
                 "search_budgets=[0.3,0.5,0.7]."
             )
-        from runtime.settings import FORECASTS
+        from .schedule_search import check_forecasts
 
-        if not self.forecasts or len(set(self.forecasts)) != len(self.forecasts) or any(f not in FORECASTS for f in self.forecasts):
-            raise FitError(
-                f"search_forecasts must list distinct forecasts among {', '.join(FORECASTS)}, got {list(self.forecasts)!r}; "
-                "pass e.g. search_forecasts=[reuse,linear]."
-            )
+        check_forecasts(self.forecasts, "search_forecasts", FitError)
 
 
 def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int) -> list[tuple[str, int]]:
@@ -559,15 +556,15 @@ def searched_variant(
     has no warm-up or final steps of its own). In the file: one threshold row per budget, its
     ``rel_l1_thresh`` the fraction of steps skipped, and the schedule beside it; the default is the row
     ``speedup`` picks."""
-    from .schedule_search import computed_steps, schedule_errors, search_schedules
+    from .schedule_search import computed_steps, schedule_errors, search_each_forecast
 
     recipe, n = traces.recipe, traces.recipe.num_inference_steps
     counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
     if not counts:
         raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
     pairs = training_pairs(traces, coefficients, search.pairs)
-    found: dict[str, Any] = {}  # forecast -> (results per budget, cost)
-    for forecast in search.forecasts:  # one search per forecast; per budget the better schedule is kept
+    @contextlib.contextmanager
+    def objective(forecast: str) -> Iterator[Callable[[frozenset], float]]:
         bar = tqdm(desc=f"searched_schedule, {forecast} ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
         with bar, schedule_errors(model, recipe, pairs, forecast) as mse:
 
@@ -575,11 +572,12 @@ def searched_variant(
                 bar.update()
                 return float(np.mean([np.log10(max(m, 1e-12)) for m in mse(steps)]))
 
-            found[forecast] = search_schedules(error, n, counts, passes=search.passes, radius=search.radius, greedy=True)
-    best = {k: min(search.forecasts, key=lambda f: found[f][0][k].error) for k in counts}
-    results = {k: found[best[k]][0][k] for k in counts}
-    evaluations = sum(cost.evaluations for _, cost in found.values())
-    seconds = sum(cost.seconds for _, cost in found.values())
+            yield error
+
+    # one search per forecast; per budget the better schedule is kept
+    search_result = search_each_forecast(objective, search.forecasts, n, counts, passes=search.passes, radius=search.radius)
+    results, best = search_result.results, search_result.forecasts
+    evaluations, seconds = search_result.cost.evaluations, search_result.cost.seconds
     order = sorted(results, reverse=True)  # most steps first: thresholds increase
     ordered = [results[k] for k in order]
     rows = [ThresholdRow(round(1 - r.computed / n, 4), round(r.computed / n, 4)) for r in ordered]
@@ -588,7 +586,7 @@ def searched_variant(
         "objective": "mean over the pairs of log10 MSE of the output against full compute",
         "psnr": [round(-10 * r.error, 3) for r in ordered],
         # every forecast searched, so the choice per row can be judged
-        "psnr_by_forecast": {f: [round(-10 * found[f][0][k].error, 3) for k in order] for f in search.forecasts},
+        "psnr_by_forecast": {f: [round(-10 * search_result.by_forecast[f][k].error, 3) for k in order] for f in search.forecasts},
         "uniform_psnr": [round(-10 * r.uniform_error, 3) for r in ordered],
         "start": [r.start for r in ordered],
         "passes": search.passes,

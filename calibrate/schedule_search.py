@@ -25,7 +25,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
 
 from runtime.errors import ConfigError
 
@@ -36,6 +36,20 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 Schedule = frozenset  # of int step indices
+
+
+def check_forecasts(forecasts: object, option: str, error: type[Exception] = ConfigError) -> tuple[str, ...]:
+    """``forecasts`` as a tuple: at least one, distinct, each among ``runtime.settings.FORECASTS``; else ``error``
+    naming the setting ``option``."""
+    from runtime.settings import FORECASTS
+
+    values = tuple(forecasts or ())
+    if not values or len(set(values)) != len(values) or any(f not in FORECASTS for f in values):
+        raise error(
+            f"{option} must list distinct forecasts among {', '.join(FORECASTS)}, got {list(values)!r}; "
+            f"pass e.g. {option}=[reuse,linear]."
+        )
+    return values
 
 
 def computed_steps(fraction: float, num_steps: int) -> int:
@@ -213,3 +227,38 @@ def search_schedules(
         previous = steps
     cost.seconds = time.perf_counter() - start_time
     return results, cost
+
+
+@dataclass
+class ForecastSearch:
+    """:func:`search_schedules` run once per forecast: per budget the better result and its forecast, every
+    forecast's results, and the summed cost."""
+
+    results: dict[int, SearchResult]
+    forecasts: dict[int, str]
+    by_forecast: dict[str, dict[int, SearchResult]]
+    cost: SearchCost
+
+
+def search_each_forecast(
+    objective: Callable[[str], ContextManager[Callable[[Schedule], float]]],
+    forecasts: tuple[str, ...] | list[str],
+    num_steps: int,
+    budgets: list[int],
+    passes: int = 2,
+    radius: int = 2,
+    greedy: bool = True,
+) -> ForecastSearch:
+    """``objective(forecast)`` is a context in which generations skip with that forecast and which yields the
+    error of a schedule; one search per forecast, and per budget the forecast whose schedule errs least."""
+    by_forecast: dict[str, dict[int, SearchResult]] = {}
+    cost = SearchCost()
+    for forecast in forecasts:
+        with objective(forecast) as error:
+            by_forecast[forecast], own = search_schedules(error, num_steps, budgets, passes, radius, greedy)
+        cost.evaluations += own.evaluations
+        cost.seconds += own.seconds
+        for k, count in own.per_budget.items():
+            cost.per_budget[k] = cost.per_budget.get(k, 0) + count
+    chosen = {k: min(forecasts, key=lambda f: by_forecast[f][k].error) for k in budgets}
+    return ForecastSearch({k: by_forecast[f][k] for k, f in chosen.items()}, chosen, by_forecast, cost)

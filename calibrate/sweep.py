@@ -580,15 +580,9 @@ def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) 
             )
     if not isinstance(search.get("greedy"), bool):
         raise ConfigError(f"schedule_search.greedy must be true or false, got {search.get('greedy')!r}.")
-    from runtime.settings import FORECASTS
+    from .schedule_search import check_forecasts
 
-    forecasts = list(search.get("forecasts") or [])
-    if not forecasts or len(set(forecasts)) != len(forecasts) or any(f not in FORECASTS for f in forecasts):
-        raise ConfigError(
-            f"schedule_search.forecasts must list distinct forecasts among {', '.join(FORECASTS)}, got {forecasts!r}; "
-            "pass e.g. schedule_search.forecasts=[reuse,linear]."
-        )
-    search["forecasts"] = forecasts
+    search["forecasts"] = list(check_forecasts(search.get("forecasts"), "schedule_search.forecasts"))
     return search
 
 
@@ -598,30 +592,29 @@ def search_all(
     """The schedule search for every output: ``{(prompt, seed): {budget: (steps, forecast)}}`` and the report for
     sweep.json (settings, cost, and per output and budget the schedule, its forecast and its gain over uniform).
     One search per forecast of ``search["forecasts"]``; per output and budget the better result is kept."""
-    from .schedule_search import computed_steps, schedule_errors, search_schedules
+    from .schedule_search import computed_steps, schedule_errors, search_each_forecast
 
     steps = recipe.num_inference_steps
     counts = {b: computed_steps(b, steps) for b in budgets}
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
     per_output, evaluations, seconds = [], 0, 0.0
-    forecasts = list(search.get("forecasts") or ["reuse"])
+    forecasts = search.get("forecasts") or ["reuse"]
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
-        found, output_evaluations = {}, 0
-        for forecast in forecasts:  # per budget, the better of each forecast's search
+
+        @contextlib.contextmanager
+        def objective(forecast: str) -> Iterator[Callable[[frozenset], float]]:
             with schedule_errors(model, recipe, [(prompt, seed)], forecast) as mse:
-                found[forecast], cost = search_schedules(
-                    lambda candidate: mse(candidate)[0], steps, list(counts.values()),
-                    passes=search["passes"], radius=search["radius"], greedy=search["greedy"],
-                )
-            evaluations, seconds = evaluations + cost.evaluations, seconds + cost.seconds
-            output_evaluations += cost.evaluations
-        best = {k: min(forecasts, key=lambda f: found[f][k].error) for k in counts.values()}
-        results = {k: found[best[k]][k] for k in counts.values()}
+                yield lambda candidate: mse(candidate)[0]
+
+        found = search_each_forecast(objective, forecasts, steps, list(counts.values()),
+                                     passes=search["passes"], radius=search["radius"], greedy=search["greedy"])
+        results, best = found.results, found.forecasts
+        evaluations, seconds = evaluations + found.cost.evaluations, seconds + found.cost.seconds
         schedules[(prompt, seed)] = {b: (results[k].steps, best[k]) for b, k in counts.items()}
         per_output.append({
             "prompt": prompt,
             "seed": seed,
-            "evaluations": output_evaluations,
+            "evaluations": found.cost.evaluations,
             "budgets": [
                 {
                     "budget": b,
@@ -630,8 +623,9 @@ def search_all(
                     "forecast": best[k],
                     "start": results[k].start,
                     "psnr": round(_db(results[k].error), 3),
-                    "psnr_by_forecast": {f: round(_db(found[f][k].error), 3) for f in forecasts},
-                    "uniform_psnr": round(_db(found["reuse"][k].uniform_error if "reuse" in found else results[k].uniform_error), 3),
+                    "psnr_by_forecast": {f: round(_db(found.by_forecast[f][k].error), 3) for f in forecasts},
+                    # the uniform method's schedule reuses the residual: its error under that forecast when searched
+                    "uniform_psnr": round(_db(found.by_forecast.get("reuse", results)[k].uniform_error), 3),
                 }
                 for b, k in counts.items()
             ],
