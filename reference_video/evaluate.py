@@ -1,6 +1,6 @@
 """Prompt adherence of the video reference model, by the procedural checker; writes samples.png / samples.gif.
 
-``python -m reference_video.evaluate [--seeds 1000 1001] [--weights DIR] [--no-figures]`` prints and writes to
+``python -m reference_video.evaluate [--seeds 1000 1001] [--weights DIR] [--device cuda] [--no-figures]`` prints and writes to
 ``reference_video/eval.json``:
 
 - the checker's accuracy on real clips (rendered by ``reference_video.data``; training and held-out pairs);
@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001])
     parser.add_argument("--real", type=int, default=500, help="real clips per split for the checker's sanity check")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--figures", type=Path, default=PACKAGE_DIR, help="folder for samples.png and samples.gif")
+    parser.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda"')
     parser.add_argument("--out", type=Path, default=PACKAGE_DIR / "eval.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result: dict = {}
-    pipe, encoder = load_video_pipeline(args.weights)
+    pipe, encoder = load_video_pipeline(args.weights, args.device)
     for name, held in (("real_training_pairs", False), ("real_heldout_pairs", True)):
         clips, scenes = next(batches(777 + held, args.real, heldout=held))
         prompts = [scene_prompt(s) for s in scenes]
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         if held:  # the same clips through the VAE (encode, decode): what the decoder lets the checker see
             with torch.no_grad():
                 x = torch.from_numpy(clips[:200]).permute(0, 4, 1, 2, 3) * 2 - 1
-                rec = torch.cat([pipe.vae.decode(pipe.vae.encode(c).latent_dist.mode()).sample for c in x.split(50)])
+                rec = torch.cat([pipe.vae.decode(pipe.vae.encode(c.to(args.device)).latent_dist.mode()).sample.cpu()
+                                 for c in x.split(50)])
             rec = ((rec.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1).numpy()
             result["vae_reconstruction_heldout_pairs"] = attribute_rates(rec, prompts[:200])
     heldout, train = prompt_set("shapes_heldout"), prompt_set("shapes")
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(result, indent=1))
     if not args.no_figures:
         pick = [0, 1, 2, 5, 9, 14, 20, 27]
-        write_figures(gen_h[pick], [p_h[i] for i in pick], PACKAGE_DIR)
+        write_figures(gen_h[pick], [p_h[i] for i in pick], args.figures)
     return result
 
 

@@ -22,6 +22,11 @@ and an optional fourth:
 The EMA weights are saved with ``WanPipeline.save_pretrained`` (no text encoder, no tokenizer) and the prompt
 encoder in ``prompt_encoder/``; losses go to ``loss.json`` / ``loss.png``. ``threads`` CPU threads (2, the CI
 machine's cores); reproducible per seed and thread count.
+
+``--device cuda`` trains on a GPU with the same random draws (all made by CPU generators); ``--minutes M``
+chooses the transformer's step count from the rate measured over its steps 10-40 so that stage fills M minutes
+(the count is written to ``train_config.json``). ``reference_video/device_train.sh`` runs both as one call of a
+lent GPU.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class TrainConfig:
     flow_shift: float = 3.0
     checkpoint_every: int = 1000
     threads: int = 2  # torch's CPU threads (this project's CI machine has 2 cores)
+    device: str = "cpu"  # or "cuda"; every random draw comes from CPU generators, so the draws match on any device
+    minutes: float | None = None  # if set, `steps` is chosen so the transformer stage fits this many minutes
 
 
 def to_vae_input(clips: np.ndarray) -> torch.Tensor:
@@ -131,7 +138,7 @@ def _weighted_batch(cfg: TrainConfig, stream) -> tuple[torch.Tensor, torch.Tenso
     """A batch of clips [B, 3, T, H, W] in [-1, 1] and per-pixel loss weights [B, 1, T, H, W]."""
     clips, alpha = zip(*(render(s, return_alpha=True) for s in next(stream)[1]))
     weight = 1.0 + cfg.vae_foreground_weight * torch.from_numpy(np.stack(alpha))[:, None]
-    return to_vae_input(np.stack(clips)), weight
+    return to_vae_input(np.stack(clips)).to(cfg.device), weight.to(cfg.device)
 
 
 def finetune_decoder(cfg: TrainConfig, vae: AutoencoderKLWan) -> list[float]:
@@ -149,7 +156,7 @@ def finetune_decoder(cfg: TrainConfig, vae: AutoencoderKLWan) -> list[float]:
         x, weight = _weighted_batch(cfg, stream)
         with torch.no_grad():
             mean, logvar = vae_moments(vae, x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(cfg.device)
         err = (vae_decode_unclamped(vae, z) - x).pow(2)
         opt.zero_grad(set_to_none=True)
         (err * weight).mean().backward()
@@ -162,7 +169,7 @@ def finetune_decoder(cfg: TrainConfig, vae: AutoencoderKLWan) -> list[float]:
 
 
 def train_vae(cfg: TrainConfig) -> tuple[AutoencoderKLWan, list[float]]:
-    vae = build_vae(cfg).train()
+    vae = build_vae(cfg).to(cfg.device).train()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     stream = batches(cfg.seed * 1000 + 1, cfg.vae_batch_size)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -173,7 +180,7 @@ def train_vae(cfg: TrainConfig) -> tuple[AutoencoderKLWan, list[float]]:
             g["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 20)
         x, weight = _weighted_batch(cfg, stream)
         mean, logvar = vae_moments(vae, x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(cfg.device)
         err = (vae_decode_unclamped(vae, z) - x).pow(2)
         rec = err.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -193,7 +200,7 @@ def encode_pool(cfg: TrainConfig, vae: AutoencoderKLWan) -> tuple[torch.Tensor, 
     means, stds, prompts, err = [], [], [], []
     while len(prompts) < cfg.pool_size:
         clips, scenes = next(stream)
-        x = to_vae_input(clips)
+        x = to_vae_input(clips).to(cfg.device)
         mean, logvar = vae_moments(vae, x)
         if len(err) < 4:
             err.append(F.mse_loss(vae._decode(mean).sample, x).item())
@@ -221,7 +228,9 @@ def build_transformer(cfg: TrainConfig) -> WanTransformer3DModel:
 
 
 def save(out: Path, transformer, vae, encoder, meta: dict | None = None) -> None:
+    """The pipeline (CPU copies of the models, whatever device they train on) and the prompt encoder in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    transformer, vae, encoder = (copy.deepcopy(m).to("cpu") for m in (transformer, vae, encoder))
     scheduler = UniPCMultistepScheduler.from_config(WAN_SCHEDULER_CONFIG)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -231,34 +240,45 @@ def save(out: Path, transformer, vae, encoder, meta: dict | None = None) -> None
 
 
 def train_transformer(cfg, vae, mean, std, prompts, out: Path):
-    transformer = build_transformer(cfg)
-    encoder = ShapesPromptEncoder(embed_dim=cfg.text_dim)
+    device = cfg.device
+    transformer = build_transformer(cfg).to(device)
+    encoder = ShapesPromptEncoder(embed_dim=cfg.text_dim).to(device)
     tokenizer = ShapesTokenizer()
     models = nn.ModuleDict({"transformer": transformer, "encoder": encoder})
     ema = copy.deepcopy(models).requires_grad_(False).eval()
     models.train()
-    lat_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    lat_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    lat_mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    lat_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     losses: list[float] = []
     t0 = time.perf_counter()
-    run = min(cfg.steps, cfg.stop_at or cfg.steps)
-    for step in range(run):
+    # with a time budget, run the rate probe first; the step count (and so the schedule) is fixed after it
+    run = PROBE_STEPS[1] + 1 if cfg.minutes is not None else min(cfg.steps, cfg.stop_at or cfg.steps)
+    step, probe_start = 0, 0.0
+    while step < run:
+        if cfg.minutes is not None and step == PROBE_STEPS[1]:
+            cfg.steps = steps_for_minutes(cfg.minutes, probe_start, PROBE_STEPS, cfg.warmup_steps)
+            run = min(cfg.steps, cfg.stop_at or cfg.steps)
+            print(f"{cfg.minutes} minutes at the measured rate: {cfg.steps} transformer steps", flush=True)
+        if step == PROBE_STEPS[0]:
+            probe_start = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, mean.shape[0], (cfg.batch_size,), generator=gen)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        shape = (cfg.batch_size, *mean.shape[1:])
+        on = idx.to(device)
+        z = mean[on] + std[on] * torch.randn(shape, generator=gen).to(device)
         x0 = (z - lat_mean) / lat_std
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(shape, generator=gen).to(device)
         u = torch.rand(cfg.batch_size, generator=gen)
-        sigma = cfg.flow_shift * u / (1 + (cfg.flow_shift - 1) * u)
+        sigma = (cfg.flow_shift * u / (1 + (cfg.flow_shift - 1) * u)).to(device)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_sigma = (1 - s) * x0 + s * noise
         drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout).tolist()
         ids, mask = tokenizer([prompts[i] for i in idx.tolist()], drop=drop)
-        v = transformer(hidden_states=x_sigma, timestep=sigma * 1000, encoder_hidden_states=encoder(ids, mask),
-                        return_dict=False)[0]
+        v = transformer(hidden_states=x_sigma, timestep=sigma * 1000,
+                        encoder_hidden_states=encoder(ids.to(device), mask.to(device)), return_dict=False)[0]
         loss = F.mse_loss(v, noise - x0)
         flow_matching_step(loss, opt, models, ema, step, cfg.ema_decay)
         losses.append(loss.item())
@@ -267,7 +287,27 @@ def train_transformer(cfg, vae, mean, std, prompts, out: Path):
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run:
             save(out, ema["transformer"], vae, ema["encoder"])
             print(f"checkpoint at step {step + 1}", flush=True)
+        step += 1
     return ema["transformer"], ema["encoder"], losses
+
+
+#: With ``minutes`` set, the rate is measured over these transformer steps (the first ones warm up kernels and caches).
+PROBE_STEPS = (10, 40)
+
+
+def steps_for_minutes(minutes: float, probe_start: float, probe: tuple[int, int], warmup: int) -> int:
+    """Transformer steps that fill ``minutes`` at the rate measured since ``probe_start`` over the ``probe`` steps
+    (at least the probe and the warm-up); the cosine schedule is fixed from then on."""
+    rate = (time.perf_counter() - probe_start) / (probe[1] - probe[0])
+    return max(probe[1], warmup + 1, int(minutes * 60 / rate))
+
+
+def where(config: dict) -> str:
+    """Where a run trained, for its figure and log: "2 CPU threads" or the CUDA device's name."""
+    device = config.get("device", "cpu")
+    if device == "cpu":
+        return f"{config['threads']} CPU threads"
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else device
 
 
 def write_loss_logs(vae_losses: list[float], losses: list[float], decoder_losses: list[float], log_dir: Path,
@@ -281,8 +321,7 @@ def write_loss_logs(vae_losses: list[float], losses: list[float], decoder_losses
         panels.append((decoder_losses, "4. decoder fine-tune MSE (encoder frozen)"))
     loss_figure(
         panels,
-        f"video reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s, "
-        f"{meta['config']['threads']} CPU threads)",
+        f"video reference model training (seed {meta['seed']}, {meta['total_seconds']:.0f} s, {where(meta['config'])})",
         log_dir / "loss.png",
         dpi=100,
     )
@@ -311,7 +350,8 @@ def train(cfg: TrainConfig, out: Path, log_dir: Path) -> dict:
             "vae_reconstruction_mse": recon,
             "transformer_params": sum(p.numel() for p in transformer.parameters()),
             "vae_params": sum(p.numel() for p in vae.parameters()),
-            "encoder_params": sum(p.numel() for p in encoder.parameters()), "torch": torch.__version__}
+            "encoder_params": sum(p.numel() for p in encoder.parameters()), "torch": torch.__version__,
+            "trained_on": where(dataclasses.asdict(cfg))}
     save(out, transformer, vae, encoder, meta)
     write_loss_logs(vae_losses, losses, decoder_losses, log_dir, meta)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
@@ -328,10 +368,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override transformer steps (quick trials)")
     parser.add_argument("--pool-size", type=int, default=None, help="override (quick trials)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="override (quick trials)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the transformer's batch")
+    parser.add_argument("--lr", type=float, default=None, help="override the transformer's peak learning rate")
+    parser.add_argument("--device", default=None, help='"cpu" (default) or "cuda"')
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="choose the transformer steps to fill this many minutes, at the rate measured over its "
+                             "first steps (instead of --steps; the chosen count is in train_config.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = TrainConfig(seed=args.seed)
-    for name in ("vae_steps", "steps", "pool_size", "decoder_steps"):
+    if args.device is not None and args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asks for a GPU and torch sees none here; leave --device out to train "
+                     "on the CPU.")
+    if args.minutes is not None and (args.minutes <= 0 or args.steps is not None):
+        parser.error("--minutes takes a positive number of minutes and replaces --steps; pass one of them.")
+    for name in ("vae_steps", "steps", "pool_size", "decoder_steps", "batch_size", "lr", "device", "minutes"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     train(cfg, args.out, args.log_dir)

@@ -86,6 +86,56 @@ def test_missing_weights_are_one_sentence(tmp_path):
         load_model(cfg.model, "cpu", torch.float32)
 
 
+def _tiny_training(tmp_path, name, **changes):
+    """A trainer run small enough for the suite: a 1-layer transformer on a pool of 24 clips."""
+    from reference_video.train import TrainConfig, train
+
+    cfg = TrainConfig(seed=3, vae_steps=2, vae_batch_size=2, pool_size=24, steps=3, batch_size=4, num_layers=1,
+                      ffn_dim=64, checkpoint_every=0, **changes)
+    meta = train(cfg, tmp_path / name, tmp_path / f"{name}_logs")
+    weights = {}
+    for part in ("transformer", "prompt_encoder"):
+        from safetensors.torch import load_file
+
+        weights.update({f"{part}.{k}": v for k, v in load_file(next((tmp_path / name / part).glob("*.safetensors"))).items()})
+    return meta, weights
+
+
+def test_training_is_seeded_and_a_time_budget_sets_the_step_count(tmp_path):
+    meta_a, a = _tiny_training(tmp_path, "a")
+    _, b = _tiny_training(tmp_path, "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["config"]["steps"] == 3 and meta_a["trained_on"] == "2 CPU threads"
+    meta_c, c = _tiny_training(tmp_path, "c", minutes=0.001)
+    # 0.06 s: fewer steps than the rate probe, so the probe's end is the count, written to the config
+    from reference_video.train import PROBE_STEPS
+
+    assert meta_c["config"]["steps"] == max(PROBE_STEPS[1], 101)
+    assert len(json.loads((tmp_path / "c_logs" / "loss.json").read_text())["transformer_flow_matching_mse"]) == 101
+
+
+def test_training_options_are_checked_before_any_work(capsys):
+    from reference_video.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--minutes", "5", "--steps", "100"])
+    assert "replaces --steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--minutes", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--device", "cuda"])
+        assert "torch sees none here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_a_gpu_saves_weights_the_cpu_pipeline_loads(tmp_path):
+    meta, _ = _tiny_training(tmp_path, "gpu", device="cuda")
+    assert meta["trained_on"] != "2 CPU threads"
+    pipe, encoder = load_video_pipeline(tmp_path / "gpu")
+    assert next(pipe.transformer.parameters()).device.type == "cpu"
+
+
 def test_trained_model_draws_the_colours_heldout_prompts_name(video_model):
     """The shipped weights draw the named colours (measured on these 16 clips: every object's colour, against 0.60
     for shuffled prompts) and some whole clips pass (0.125, none shuffled); shapes and motions are mostly wrong."""
