@@ -16,17 +16,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._sweep_setup import held_out_setup  # noqa: E402
+
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from calibrate.models import load_model, output_array
-    from calibrate.recipe import Recipe
+    from calibrate.models import output_array
     from calibrate.sweep import teacache_thresholds
     from runtime import TeaCache
     from runtime.coefficients import load_coefficients
@@ -37,12 +35,8 @@ def main() -> None:
     parser.add_argument("--rules", default="teacache,teacache_drift", help="comma-separated rules of the file")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("sweep", overrides=[f"model={args.model}"])
-    sweep = json.loads((ROOT / "sweep" / args.model / "sweep.json").read_text())
-    work = [(o["prompt"], o["seed"]) for o in sweep["outputs"]][: args.outputs]
-    recipe = Recipe.from_config(cfg)
-    model = load_model(cfg.model, "cpu", torch.float32)
+    setup = held_out_setup(args.model)
+    work, recipe, model = setup.outputs(args.outputs), setup.recipe, setup.model
     coefficients = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json"))
 
     def outputs() -> list[np.ndarray]:

@@ -21,17 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._sweep_setup import held_out_setup  # noqa: E402
+
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from calibrate.models import load_model
-    from calibrate.recipe import Recipe
     from calibrate.schedule_search import computed_steps, schedule_errors, search_each_forecast
     from runtime.coefficients import load_coefficients
 
@@ -44,15 +41,11 @@ def main() -> None:
     parser.add_argument("--forecasts", type=lambda v: v.split(","), default=["reuse", "linear"],
                         help="what a skipped step adds, one search each (comma-separated; the sweep's default: reuse,linear)")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("sweep", overrides=[f"model={args.model}"])
-    sweep = json.loads((ROOT / "sweep" / args.model / "sweep.json").read_text())
-    work = [(o["prompt"], o["seed"]) for o in sweep["outputs"]][: args.outputs]
+    setup = held_out_setup(args.model)
+    sweep, work, recipe, model = setup.sweep, setup.outputs(args.outputs), setup.recipe, setup.model
     per_output = {(p["prompt"], p["seed"]): {b["budget"]: b["psnr"] for b in p["budgets"]}
                   for p in sweep["schedule_search"]["per_output"]}
     budgets = list(sweep["schedule_search"]["settings"]["budgets"])
-    recipe = Recipe.from_config(cfg)
-    model = load_model(cfg.model, "cpu", torch.float32)
     n = recipe.num_inference_steps
     source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
     entry = load_coefficients(str(source)).rules["searched_schedule"]

@@ -1,0 +1,41 @@
+"""What the benches that replay a sweep's held-out outputs share: the sweep config, its ``sweep.json``, the
+recipe and the loaded model (on the CPU, float32)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class HeldOutSetup:
+    cfg: Any  # the composed `sweep` config for the model
+    sweep: dict  # sweep/<model>/sweep.json
+    recipe: Any  # calibrate.recipe.Recipe
+    model: Any  # calibrate.models.LoadedModel
+
+    def outputs(self, limit: int) -> list[tuple[str, int]]:
+        """The sweep's first ``limit`` held-out (prompt, seed) pairs."""
+        return [(o["prompt"], o["seed"]) for o in self.sweep["outputs"]][:limit]
+
+
+def held_out_setup(model_name: str) -> HeldOutSetup:
+    """Compose ``sweep`` with ``model=<model_name>``, read its ``sweep.json`` and load the model."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.models import load_model
+    from calibrate.recipe import Recipe
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sweep", overrides=[f"model={model_name}"])
+    path = ROOT / "sweep" / model_name / "sweep.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python -m calibrate.sweep model={model_name} ...` first "
+                         "(the README's sweep commands).")
+    sweep = json.loads(path.read_text())
+    return HeldOutSetup(cfg, sweep, Recipe.from_config(cfg), load_model(cfg.model, "cpu", torch.float32))
