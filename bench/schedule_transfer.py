@@ -15,6 +15,9 @@ generation count once). Each schedule runs with the forecast it was found with, 
 2. Across seeds: the first ``--prompts`` of those outputs' prompts at the other ``--seeds``, under the same
    schedules: whether the schedule found for the prompt at the sweep's seed still wins there, and how far the
    best and worst of the schedules lie apart for one prompt and seed.
+3. A choice a runtime could make after step 0: for each of those generations, the schedule (of another prompt)
+   whose output's first transformer call is nearest in direction to the generation's own first call, against
+   any other prompt's schedule and the prompt's own.
 """
 
 from __future__ import annotations
@@ -30,6 +33,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._sweep_setup import held_out_setup  # noqa: E402
+
+
+def first_outputs(setup, pairs: list[tuple[str, int]]) -> np.ndarray:
+    """Per (prompt, seed), the transformer's first output of a full-compute generation (step 0, the first CFG
+    branch), flattened and scaled to unit length."""
+    captured: list = []
+
+    def keep(module, args, kwargs, out) -> None:
+        if not captured:
+            captured.append((out[0] if isinstance(out, (tuple, list)) else out.sample).detach().flatten().double())
+
+    handle = setup.model.transformer.register_forward_hook(keep, with_kwargs=True)
+    rows = []
+    try:
+        for prompt, seed in pairs:
+            captured.clear()
+            setup.model.generate(prompt, seed, setup.recipe, output_type="np")
+            rows.append((captured[0] / captured[0].norm()).numpy())
+    finally:
+        handle.remove()
+    return np.stack(rows)
 
 
 def main() -> None:
@@ -98,6 +122,22 @@ def main() -> None:
                       "rank_of_own_prompt_schedule": int((row > row[own]).sum()) + 1,
                       "best": round(float(row.max()), 2), "worst": round(float(row.min()), 2)})
 
+    # 3. a choice the runtime could make: among the other prompts' schedules, the one whose output's first
+    # transformer call (step 0, cond branch) is nearest (cosine) to this generation's first call
+    first = first_outputs(setup, outputs + pairs)
+    every = np.vstack([m, seeds])
+    prompts = [p for p, _ in outputs + pairs]
+    chosen, candidates, own_prompt = [], [], []
+    for i, prompt in enumerate(prompts):
+        others = [j for j, o in enumerate(found) if o["prompt"] != prompt]
+        nearest = max(others, key=lambda j: float(first[i] @ first[j]))
+        chosen.append(every[i, nearest])
+        candidates.append(every[i, others].mean())
+        own_prompt.append(every[i, next(j for j, o in enumerate(found) if o["prompt"] == prompt)])
+    part3 = {"generations": len(prompts), "nearest_first_output": round(float(np.mean(chosen)), 2),
+             "another_prompts_schedule": round(float(np.mean(candidates)), 2),
+             "own_prompts_schedule": round(float(np.mean(own_prompt)), 2)}
+
     print(f"{args.model}, budget {args.budget} ({k} of {setup.recipe.num_inference_steps} steps), {n} outputs, "
           f"schedules of the per-output search; mean PSNR (dB) against full compute")
     print(f"  1. across outputs: own schedule {part1['own_schedule']:.2f} (the sweep recorded "
@@ -111,10 +151,14 @@ def main() -> None:
     for r in part2:
         print(f"     {r['prompt'][:44]:<44} seed {r['seed']}: its prompt's schedule {r['own_prompt_schedule']:6.2f} "
               f"(rank {r['rank_of_own_prompt_schedule']} of {n}); best {r['best']:6.2f}, worst {r['worst']:6.2f}")
+    print(f"  3. over these {part3['generations']} generations, a schedule of another prompt chosen by the nearest first "
+          f"transformer output: {part3['nearest_first_output']:.2f}; any other prompt's: {part3['another_prompts_schedule']:.2f}; "
+          f"the prompt's own: {part3['own_prompts_schedule']:.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "budget": args.budget, "computed_steps": k, "outputs": n,
-                                         "across_outputs": part1, "across_seeds": part2}, indent=1))
+                                         "across_outputs": part1, "across_seeds": part2, "nearest_first_output": part3},
+                                        indent=1))
 
 
 if __name__ == "__main__":
