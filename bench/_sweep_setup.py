@@ -3,6 +3,7 @@ recipe and the loaded model (on the CPU, float32)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,15 @@ class HeldOutSetup:
     def outputs(self, limit: int) -> list[tuple[str, int]]:
         """The sweep's first ``limit`` held-out (prompt, seed) pairs."""
         return [(o["prompt"], o["seed"]) for o in self.sweep["outputs"]][:limit]
+
+
+def held_out_parser(doc: str, model: str = "reference", outputs: int = 8) -> argparse.ArgumentParser:
+    """A bench's parser, described by its docstring's first line, with ``--model`` and ``--outputs`` (the sweep's
+    first that many held-out outputs)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--outputs", type=int, default=outputs, help="the sweep's first N held-out outputs")
+    return parser
 
 
 def held_out_setup(model_name: str) -> HeldOutSetup:

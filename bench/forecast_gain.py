@@ -10,7 +10,6 @@ of ``sweep/<model>/sweep.json`` (held-out prompts, seed 1000).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +28,7 @@ def main() -> None:
     from runtime import TeaCache
     from runtime.coefficients import load_coefficients
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference")
-    parser.add_argument("--outputs", type=int, default=8)
+    parser = held_out_parser(__doc__)
     parser.add_argument("--rules", default="teacache,teacache_drift", help="comma-separated rules of the file")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()

@@ -21,7 +21,6 @@ by the runtime as the file says. Mean PSNR (dB) against full compute, each outpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 HOOK = "output_forecast_prototype"
 
@@ -79,9 +78,7 @@ def main() -> None:
     from calibrate.schedule_search import schedule_errors
     from runtime.coefficients import load_coefficients
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference")
-    parser.add_argument("--outputs", type=int, default=10)
+    parser = held_out_parser(__doc__, outputs=10)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     setup = held_out_setup(args.model)

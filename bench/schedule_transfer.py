@@ -22,7 +22,6 @@ generation count once). Each schedule runs with the forecast it was found with, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 
 def first_outputs(setup, pairs: list[tuple[str, int]]) -> np.ndarray:
@@ -60,10 +59,8 @@ def main() -> None:
     from calibrate.schedule_search import schedule_errors
     from runtime.coefficients import load_coefficients
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference")
+    parser = held_out_parser(__doc__, outputs=10)
     parser.add_argument("--budget", type=float, default=0.5, help="one of the sweep's schedule_search budgets")
-    parser.add_argument("--outputs", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=4, help="prompts also run at --seeds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1001, 1002, 1003])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")

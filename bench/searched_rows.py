@@ -10,7 +10,6 @@ settings (``search=16``, say) on outputs none of them saw.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,16 +18,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 
 def main() -> None:
     from calibrate.schedule_search import schedule_errors
     from runtime.coefficients import load_coefficients
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference")
-    parser.add_argument("--outputs", type=int, default=8)
+    parser = held_out_parser(__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="coefficients files fitted for --model")
     args = parser.parse_args()
     entries = {path: load_coefficients(str(path)).rules.get("searched_schedule") for path in args.files}

@@ -13,7 +13,6 @@ row with its own forecast.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -25,16 +24,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 
 def main() -> None:
     from calibrate.schedule_search import computed_steps, schedule_errors, search_each_forecast
     from runtime.coefficients import load_coefficients
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reference_video")
-    parser.add_argument("--outputs", type=int, default=8)
+    parser = held_out_parser(__doc__, "reference_video")
     parser.add_argument("--coefficients", type=Path, default=None,
                         help="the file whose searched schedules to score (default coefficients/<model>.json)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
