@@ -5,7 +5,8 @@
 #   run(command="bash reference_video/device_train.sh", carry=[".whl"], timeout_s=600)   # the device tool
 #   tar -xf <files_at>/reference_video_gpu.tar -C reference_video                       # here, afterwards
 #
-# On the device machine it installs the carried wheels (diffusers and hydra are not in its image), trains with
+# On the device machine it installs the carried wheels (diffusers and hydra are not in its image), runs the
+# trainer's tests (the GPU one included: tiny, seconds), trains with
 # `python -m reference_video.train --device cuda --minutes $MINUTES` (the transformer's step count is chosen
 # from the rate measured over its first steps and written to weights/train_config.json), runs
 # `python -m reference_video.evaluate --device cuda`, and packs weights/, loss.json, loss.png, eval.json,
@@ -38,6 +39,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 work=$(mktemp -d)
 {
+    # the GPU path of the trainer, small, before the long run (a failure here is in the log that comes back)
+    python3 -m pytest -q -p no:cacheprovider tests/test_reference_video.py -k "gpu or training" || true
     python3 -m reference_video.train --seed "${SEED:-0}" --device "${DEVICE:-cuda}" --minutes "${MINUTES:-5}" \
         --batch-size "${BATCH:-256}" --lr "${LR:-1.2e-3}" --pool-size "${POOL:-50000}" \
         --vae-steps "${VAE_STEPS:-1000}" --out "$work/weights" --log-dir "$work"
