@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Train the video reference model on a lent GPU in one device call, evaluate it there, bring everything back.
+# Train the video reference model on a GPU machine with no network in one go, evaluate it there, pack the results.
 #
-#   bash reference_video/device_train.sh --fetch-wheels     # here, once per checkout (PyPI reachable): .whl/
-#   run(command="bash reference_video/device_train.sh", carry=[".whl"], timeout_s=600)   # the device tool
-#   tar -xf <files_at>/reference_video_gpu.tar -C reference_video                       # here, afterwards
+#   bash reference_video/device_train.sh --fetch-wheels     # with network, once per checkout: .whl/
+#   OUT=/tmp/rv bash reference_video/device_train.sh        # on the GPU machine, in a copy of the checkout with .whl/
+#   tar -xf /tmp/rv/reference_video_gpu.tar -C reference_video                         # back here, afterwards
 #
-# On the device machine it installs the carried wheels (diffusers and hydra are not in its image), runs the
+# (A remote runner that copies the checkout and returns $OUT, as this project's lent GPUs do, carries .whl and
+# runs the second line with its own OUT, within a 10-minute command.) On the GPU machine it installs the wheels
+# (diffusers and hydra are not in a plain PyTorch image), runs the
 # trainer's tests (the GPU one included: tiny, seconds), trains with
 # `python -m reference_video.train --device cuda --minutes $MINUTES` (the transformer's step count is chosen
 # from the rate measured over its first steps and written to weights/train_config.json), runs
@@ -30,7 +32,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
-: "${OUT:?OUT is unset: run this through the device tool (or set OUT to a folder for the results)}"
+: "${OUT:?OUT is unset: set OUT to the folder for the results (OUT=/tmp/rv bash $0)}"
 mkdir -p "$OUT"
 ls .whl/*.whl > /dev/null 2>&1 || { echo "no wheels in .whl/: run 'bash reference_video/device_train.sh --fetch-wheels' here first and carry .whl" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
