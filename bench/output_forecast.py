@@ -1,5 +1,5 @@
 """A prototype, not in the runtime: forecasting a skipped step's whole transformer output, and correcting the
-latent once the next computed step shows where the trajectory went. Euler samplers only (the digits model).
+latent once the next computed step shows where the trajectory went (the correction: Euler samplers only).
 
     python bench/output_forecast.py [--model reference] [--outputs 10] [--json PATH]
 
@@ -12,7 +12,9 @@ transformer itself (a diffusers ``ModelHook``) and, at a skipped call, returns w
   (interpolation, now that v_k is known) and the latent is moved by what that changes,
   ``sum_j (sigma_{j+1} - sigma_j) (v~_j - v_j)``, added to step k's output divided by
   ``sigma_{k+1} - sigma_k`` (exact for an Euler step of each branch; CFG's combination and the pipeline's
-  norm rescale make it approximate).
+  norm rescale make it approximate). Only with ``FlowMatchEulerDiscreteScheduler`` (the digits model); with
+  another sampler (the video model's UniPC, whose multistep update reuses past outputs) only ``output_linear``
+  runs.
 
 Both run the file's ``searched_schedule`` rows (searched for the residual forecasts) and the sweep's
 per-output schedules (the bound's), on the sweep's first ``--outputs`` held-out outputs, beside the rows run
@@ -83,9 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     setup = held_out_setup(args.model)
     pipe, work = setup.model.pipe, setup.outputs(args.outputs)
-    if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-        parser.error(f"{args.model} samples with {type(pipe.scheduler).__name__}; the correction is derived for an "
-                     "Euler step (FlowMatchEulerDiscreteScheduler): pass --model reference.")
+    # the correction is derived for an Euler step; other samplers (Wan's UniPC) get output_linear alone
+    variants = (False, True) if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else (False,)
     branches = 2 if setup.recipe.guidance and setup.recipe.guidance > 1 else 1
     entry = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json")).rules["searched_schedule"]
     rows = [(frozenset(s), f) for s, f in zip(entry["schedules"], entry.get("forecasts") or ["reuse"] * len(entry["schedules"]))]
@@ -107,7 +108,7 @@ def main() -> None:
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     results = {"rows": [], "per_output": []}
     try:
-        for corrected in (False, True):
+        for corrected in variants:
             hook = OutputForecast(lambda: pipe.scheduler.sigmas, branches, corrected)
             registry.register_hook(hook, HOOK)
             name = "output_corrected" if corrected else "output_linear"
@@ -139,13 +140,16 @@ def main() -> None:
         if registry.get_hook(HOOK) is not None:
             registry.remove_hook(HOOK, recurse=False)
     print(f"{args.model}, {len(work)} held-out outputs, mean PSNR (dB) against full compute")
+    def corrected_column(r: dict) -> str:
+        return f"{r['output_corrected']:>16.2f}" if "output_corrected" in r else f"{'(not Euler)':>16}"
+
     print("  the file's searched_schedule rows:   steps  runtime (its forecast)  output_linear  output_corrected")
     for r in results["rows"]:
         print(f"  {r['computed_steps']:>40}  {r['runtime']:>8.2f} ({r['runtime_forecast']:<6})  {r['output_linear']:>13.2f}"
-              f"  {r['output_corrected']:>16.2f}")
+              f"  {corrected_column(r)}")
     print("  the per-output search's schedules:   steps  bound (as searched)      output_linear  output_corrected")
     for r in results["per_output"]:
-        print(f"  {r['computed_steps']:>40}  {r['bound']:>8.2f}{'':>10}  {r['output_linear']:>13.2f}  {r['output_corrected']:>16.2f}")
+        print(f"  {r['computed_steps']:>40}  {r['bound']:>8.2f}{'':>10}  {r['output_linear']:>13.2f}  {corrected_column(r)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "outputs": len(work), **results}, indent=1))
