@@ -1,5 +1,6 @@
 """What the benches that replay a sweep's held-out outputs share: the sweep config, its ``sweep.json``, the
-recipe and the loaded model (on the CPU, float32)."""
+recipe and the loaded model (on the CPU, float32); a file's searched schedules with their forecasts; and
+schedules scored on outputs through the runtime."""
 
 from __future__ import annotations
 
@@ -31,6 +32,36 @@ def held_out_parser(doc: str, model: str = "reference", outputs: int = 8) -> arg
     parser.add_argument("--model", default=model)
     parser.add_argument("--outputs", type=int, default=outputs, help="the sweep's first N held-out outputs")
     return parser
+
+
+def searched_schedules(path: str | Path) -> list[tuple[frozenset, str]] | None:
+    """The ``searched_schedule`` rows of a coefficients file, each with the forecast it was searched with
+    (``reuse`` where the file names none: files before forecasts); None when the file has no such rule."""
+    from runtime.coefficients import load_coefficients
+
+    entry = load_coefficients(str(path)).rules.get("searched_schedule")
+    if entry is None:
+        return None
+    forecasts = entry.get("forecasts") or ["reuse"] * len(entry["schedules"])
+    return [(frozenset(steps), forecast) for steps, forecast in zip(entry["schedules"], forecasts)]
+
+
+def schedule_psnrs(setup: HeldOutSetup, pairs: list[tuple[str, int]], schedules: list[tuple[frozenset, str]]):
+    """PSNR (dB, capped at 100) against full compute, ``[pair, schedule]``: each (prompt, seed) generated with the
+    runtime computing only the schedule's steps and skipping with the schedule's forecast
+    (``calibrate.schedule_search.schedule_errors``, one context per forecast)."""
+    import numpy as np
+
+    from calibrate.metrics import psnr_of_mse
+    from calibrate.schedule_search import schedule_errors
+
+    out = np.zeros((len(pairs), len(schedules)))
+    for forecast in sorted({f for _, f in schedules}):
+        with schedule_errors(setup.model, setup.recipe, pairs, forecast) as mse:
+            for j, (steps, f) in enumerate(schedules):
+                if f == forecast:
+                    out[:, j] = [psnr_of_mse(m) for m in mse(steps)]
+    return out
 
 
 def held_out_setup(model_name: str) -> HeldOutSetup:

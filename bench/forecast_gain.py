@@ -23,6 +23,7 @@ from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
 
 
 def main() -> None:
+    from calibrate.metrics import psnr_of_mse
     from calibrate.models import output_array
     from calibrate.sweep import teacache_thresholds
     from runtime import TeaCache
@@ -49,8 +50,8 @@ def main() -> None:
                     images = outputs()
                 stats = cache.stats.values()
                 row[f"{forecast}_computed"] = round(sum(s.computed for s in stats) / max(1, sum(s.calls for s in stats)), 4)
-                mse = [max(float(np.mean((a - b) ** 2)), 1e-10) for a, b in zip(images, fulls)]
-                row[f"{forecast}_psnr"] = round(float(np.mean([-10 * np.log10(m) for m in mse])), 3)
+                psnrs = [psnr_of_mse(float(np.mean((a - b) ** 2))) for a, b in zip(images, fulls)]
+                row[f"{forecast}_psnr"] = round(float(np.mean(psnrs)), 3)
             rows.append(row)
             print(f"{rule:<16} {thresh:>8.4g}  reuse {row['reuse_computed']:.3f} {row['reuse_psnr']:6.2f} dB   "
                   f"linear {row['linear_computed']:.3f} {row['linear_psnr']:6.2f} dB", flush=True)

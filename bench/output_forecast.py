@@ -33,7 +33,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, searched_schedules  # noqa: E402
 
 HOOK = "output_forecast_prototype"
 
@@ -76,9 +76,8 @@ class OutputForecast(ModelHook):
 
 
 def main() -> None:
+    from calibrate.metrics import psnr_of_mse
     from calibrate.models import output_array
-    from calibrate.schedule_search import schedule_errors
-    from runtime.coefficients import load_coefficients
 
     parser = held_out_parser(__doc__, outputs=10)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -88,23 +87,19 @@ def main() -> None:
     # the correction is derived for an Euler step; other samplers (Wan's UniPC) get output_linear alone
     variants = (False, True) if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else (False,)
     branches = 2 if setup.recipe.guidance and setup.recipe.guidance > 1 else 1
-    entry = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json")).rules["searched_schedule"]
-    rows = [(frozenset(s), f) for s, f in zip(entry["schedules"], entry.get("forecasts") or ["reuse"] * len(entry["schedules"]))]
+    rows = searched_schedules(ROOT / "coefficients" / f"{args.model}.json")
+    if rows is None:
+        parser.error(f"coefficients/{args.model}.json has no searched_schedule rule; fit it with `python -m calibrate.fit search=8`.")
     per_output = {(p["prompt"], p["seed"]): p["budgets"] for p in setup.sweep["schedule_search"]["per_output"]}
 
     def psnr(image: np.ndarray, full: np.ndarray) -> float:
-        return min(100.0, -10 * float(np.log10(max(np.mean((image - full) ** 2), 1e-10))))
+        return psnr_of_mse(float(np.mean((image - full) ** 2)))
 
     def generate(prompt: str, seed: int) -> np.ndarray:
         return output_array(setup.model.generate(prompt, seed, setup.recipe, output_type="np")).astype(np.float64)
 
     fulls = [generate(p, s) for p, s in work]
-    runtime = {}
-    for forecast in sorted({f for _, f in rows}):
-        with schedule_errors(setup.model, setup.recipe, work, forecast) as mse:
-            for steps, f in rows:
-                if f == forecast:
-                    runtime[len(steps)] = float(np.mean([min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(steps)]))
+    runtime = {len(steps): float(p) for (steps, _), p in zip(rows, schedule_psnrs(setup, work, rows).mean(axis=0))}
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     results = {"rows": [], "per_output": []}
     try:

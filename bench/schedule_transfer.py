@@ -7,7 +7,7 @@ another seed? What decides how far a shared (or prompt-chosen) schedule can come
 Reads ``sweep/<model>/sweep.json`` (run with ``schedule_search``) and takes the per-output search's schedules
 at ``--budget`` for the first ``--outputs`` distinct held-out outputs (outputs whose phrasings give the same
 generation count once). Each schedule runs with the forecast it was found with, through the runtime
-(``calibrate.schedule_search.schedule_errors``); PSNR against full compute, capped at 100 dB.
+(``bench._sweep_setup.schedule_psnrs``); PSNR against full compute, capped at 100 dB.
 
 1. Across outputs: every output under every one of these schedules. Its own schedule (the bound), the mean
    over the others', the best single schedule for all, and the file's ``searched_schedule`` row with as many
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, searched_schedules  # noqa: E402
 
 
 def first_outputs(setup, pairs: list[tuple[str, int]]) -> np.ndarray:
@@ -56,9 +56,6 @@ def first_outputs(setup, pairs: list[tuple[str, int]]) -> np.ndarray:
 
 
 def main() -> None:
-    from calibrate.schedule_search import schedule_errors
-    from runtime.coefficients import load_coefficients
-
     parser = held_out_parser(__doc__, outputs=10)
     parser.add_argument("--budget", type=float, default=0.5, help="one of the sweep's schedule_search budgets")
     parser.add_argument("--prompts", type=int, default=4, help="prompts also run at --seeds")
@@ -81,23 +78,12 @@ def main() -> None:
     if len(found) < 2:
         parser.error(f"the sweep has {len(found)} distinct outputs at budget {args.budget}; at least 2 are needed.")
     k = len(found[0]["steps"])
-    entry = load_coefficients(str(ROOT / "coefficients" / f"{args.model}.json")).rules["searched_schedule"]
-    file_rows = [(frozenset(s), f) for s, f in zip(entry["schedules"], entry.get("forecasts") or ["reuse"] * len(entry["schedules"]))
-                 if len(s) == k]
-
-    def psnr_matrix(pairs: list[tuple[str, int]], schedules: list[tuple[frozenset, str]]) -> np.ndarray:
-        """[output, schedule] PSNR, each schedule run with its own forecast."""
-        out = np.zeros((len(pairs), len(schedules)))
-        for forecast in sorted({f for _, f in schedules}):
-            with schedule_errors(setup.model, setup.recipe, pairs, forecast) as mse:
-                for j, (steps, f) in enumerate(schedules):
-                    if f == forecast:
-                        out[:, j] = [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(steps)]
-        return out
+    file_rows = [(steps, f) for steps, f in searched_schedules(ROOT / "coefficients" / f"{args.model}.json") or []
+                 if len(steps) == k]
 
     schedules = [(o["steps"], o["forecast"]) for o in found]
     outputs = [(o["prompt"], o["seed"]) for o in found]
-    across = psnr_matrix(outputs, schedules + file_rows)
+    across = schedule_psnrs(setup, outputs, schedules + file_rows)
     m, n = across[:, : len(found)], len(found)
     others = (m.sum(1) - np.diag(m)) / (n - 1)
     part1 = {
@@ -111,7 +97,7 @@ def main() -> None:
                         "others_max": round(float(np.delete(m[i], i).max()), 2)} for i, o in enumerate(found)],
     }
     pairs = [(o["prompt"], s) for o in found[: args.prompts] for s in args.seeds]
-    seeds = psnr_matrix(pairs, schedules)
+    seeds = schedule_psnrs(setup, pairs, schedules)
     part2 = []
     for (prompt, seed), row in zip(pairs, seeds):
         own = next(j for j, o in enumerate(found) if o["prompt"] == prompt)

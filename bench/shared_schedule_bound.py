@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_parser, held_out_setup  # noqa: E402
+from bench._sweep_setup import held_out_parser, held_out_setup, searched_schedules  # noqa: E402
 
 
 def main() -> None:
+    from calibrate.metrics import psnr_of_mse
     from calibrate.schedule_search import computed_steps, schedule_errors, search_each_forecast
-    from runtime.coefficients import load_coefficients
 
     parser = held_out_parser(__doc__, "reference_video")
     parser.add_argument("--coefficients", type=Path, default=None,
@@ -45,20 +45,21 @@ def main() -> None:
     budgets = list(sweep["schedule_search"]["settings"]["budgets"])
     n = recipe.num_inference_steps
     source = args.coefficients or ROOT / "coefficients" / f"{args.model}.json"
-    entry = load_coefficients(str(source)).rules["searched_schedule"]
+    rows = searched_schedules(source)
+    if rows is None:
+        parser.error(f"{source} has no searched_schedule rule; fit it with `python -m calibrate.fit search=8`.")
     counts = {b: computed_steps(b, n) for b in budgets}
     start = time.perf_counter()
     searched_psnr: dict[int, float] = {}
-    row_forecasts = entry.get("forecasts") or ["reuse"] * len(entry["schedules"])
 
     @contextlib.contextmanager
     def objective(forecast: str):
         with schedule_errors(model, recipe, work, forecast) as mse:
 
             def psnrs(steps) -> list[float]:
-                return [min(100.0, -10 * np.log10(max(m, 1e-10))) for m in mse(frozenset(steps))]
+                return [psnr_of_mse(m) for m in mse(frozenset(steps))]
 
-            for steps, row_forecast in zip(entry["schedules"], row_forecasts):
+            for steps, row_forecast in rows:
                 if row_forecast == forecast and len(steps) in counts.values():  # the file's row, run as the runtime runs it
                     searched_psnr[len(steps)] = float(np.mean(psnrs(steps)))
             yield lambda steps: -float(np.mean(psnrs(steps))) / 10

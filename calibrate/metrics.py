@@ -23,6 +23,12 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
+def psnr_of_mse(mse: float, cap: float = 100.0) -> float:
+    """PSNR in dB (peak 1) of a mean squared error, at most ``cap``: an output identical to full compute counts as
+    ``cap``, so that means over outputs stay finite. The sweep's schedule search and the benches score with it."""
+    return cap if mse <= 0 else min(cap, 10.0 * math.log10(1.0 / mse))
+
+
 def ssim(image: np.ndarray, reference: np.ndarray, sigma: float = 1.5) -> float:
     """Structural similarity (Wang et al. 2004): Gaussian window sigma 1.5, K1 0.01, K2 0.03, peak 1.
 

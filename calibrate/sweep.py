@@ -592,6 +592,7 @@ def search_all(
     """The schedule search for every output: ``{(prompt, seed): {budget: (steps, forecast)}}`` and the report for
     sweep.json (settings, cost, and per output and budget the schedule, its forecast and its gain over uniform).
     One search per forecast of ``search["forecasts"]``; per output and budget the better result is kept."""
+    from .metrics import psnr_of_mse
     from .schedule_search import computed_steps, schedule_errors, search_each_forecast
 
     steps = recipe.num_inference_steps
@@ -622,10 +623,10 @@ def search_all(
                     "steps": sorted(results[k].steps),
                     "forecast": best[k],
                     "start": results[k].start,
-                    "psnr": round(_db(results[k].error), 3),
-                    "psnr_by_forecast": {f: round(_db(found.by_forecast[f][k].error), 3) for f in forecasts},
+                    "psnr": round(psnr_of_mse(results[k].error), 3),
+                    "psnr_by_forecast": {f: round(psnr_of_mse(found.by_forecast[f][k].error), 3) for f in forecasts},
                     # the uniform method's schedule reuses the residual: its error under that forecast when searched
-                    "uniform_psnr": round(_db(found.by_forecast.get("reuse", results)[k].uniform_error), 3),
+                    "uniform_psnr": round(psnr_of_mse(found.by_forecast.get("reuse", results)[k].uniform_error), 3),
                 }
                 for b, k in counts.items()
             ],
@@ -639,10 +640,6 @@ def search_all(
     }
     log.info("schedule search: %d generations in %.1f s", evaluations, seconds)
     return schedules, report
-
-
-def _db(mse: float) -> float:
-    return 100.0 if mse <= 0 else min(100.0, 10.0 * math.log10(1.0 / mse))
 
 
 def bound_check(rows: list[Row]) -> list[dict[str, Any]]:
