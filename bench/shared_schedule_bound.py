@@ -5,7 +5,7 @@
 Reads a sweep's ``sweep.json`` (``sweep/<model>/sweep.json``, run with ``schedule_search``), takes its first
 ``--outputs`` held-out outputs, and searches the one schedule per budget that serves *those very outputs* best
 (mean PSNR against full compute; the sweep's search settings, ``calibrate.schedule_search.search_schedules``
-with passes 2, radius 1, greedy, once per forecast, the better kept per budget). No schedule shared by these
+with passes 2, radius 1, greedy, once per forecast, the best kept per budget). No schedule shared by these
 outputs can beat it, so its distance to the per-output search is what sharing a schedule costs; beside both,
 the file's ``searched_schedule`` (searched on training pairs, not on these outputs) on the same outputs, each
 row with its own forecast.
@@ -29,16 +29,18 @@ from bench._sweep_setup import held_out_parser, held_out_setup, searched_schedul
 
 def main() -> None:
     from calibrate.metrics import psnr_of_mse
-    from calibrate.schedule_search import computed_steps, schedule_errors, search_each_forecast
+    from calibrate.schedule_search import computed_steps, resolve_forecasts, schedule_errors, search_each_forecast
 
     parser = held_out_parser(__doc__, "reference_video")
     parser.add_argument("--coefficients", type=Path, default=None,
                         help="the file whose searched schedules to score (default coefficients/<model>.json)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--forecasts", type=lambda v: v.split(","), default=["reuse", "linear"],
-                        help="what a skipped step adds, one search each (comma-separated; the sweep's default: reuse,linear)")
+    parser.add_argument("--forecasts", type=lambda v: v.split(","), default="auto",
+                        help="what a skipped step does, one search each (comma-separated; default, as the sweep's: "
+                             "every forecast the model's sampler runs)")
     args = parser.parse_args()
     setup = held_out_setup(args.model)
+    args.forecasts = list(resolve_forecasts(args.forecasts, setup.model.pipe.scheduler, "--forecasts"))
     sweep, work, recipe, model = setup.sweep, setup.outputs(args.outputs), setup.recipe, setup.model
     per_output = {(p["prompt"], p["seed"]): {b["budget"]: b["psnr"] for b in p["budgets"]}
                   for p in sweep["schedule_search"]["per_output"]}

@@ -516,7 +516,7 @@ class SearchSettings:
     budgets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     passes: int = 1
     radius: int = 1
-    forecasts: tuple[str, ...] = ("reuse", "linear")
+    forecasts: tuple[str, ...] | str = "auto"  # auto: every forecast the model's sampler runs
 
     def __post_init__(self) -> None:
         for name, low in (("pairs", 0), ("passes", 0), ("radius", 1)):
@@ -532,7 +532,7 @@ class SearchSettings:
             )
         from .schedule_search import check_forecasts
 
-        check_forecasts(self.forecasts, "search_forecasts", FitError)
+        object.__setattr__(self, "forecasts", check_forecasts(self.forecasts, "search_forecasts", FitError))
 
 
 def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int) -> list[tuple[str, int]]:
@@ -556,7 +556,7 @@ def searched_variant(
     has no warm-up or final steps of its own). In the file: one threshold row per budget, its
     ``rel_l1_thresh`` the fraction of steps skipped, and the schedule beside it; the default is the row
     ``speedup`` picks."""
-    from .schedule_search import computed_steps, schedule_errors, search_each_forecast
+    from .schedule_search import computed_steps, resolve_forecasts, schedule_errors, search_each_forecast
 
     recipe, n = traces.recipe, traces.recipe.num_inference_steps
     counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
@@ -575,7 +575,8 @@ def searched_variant(
             yield error
 
     # one search per forecast; per budget the better schedule is kept
-    search_result = search_each_forecast(objective, search.forecasts, n, counts, passes=search.passes, radius=search.radius)
+    forecasts = resolve_forecasts(search.forecasts, model.pipe.scheduler, "search_forecasts", FitError)
+    search_result = search_each_forecast(objective, forecasts, n, counts, passes=search.passes, radius=search.radius)
     results, best = search_result.results, search_result.forecasts
     evaluations, seconds = search_result.cost.evaluations, search_result.cost.seconds
     order = sorted(results, reverse=True)  # most steps first: thresholds increase
@@ -586,7 +587,7 @@ def searched_variant(
         "objective": "mean over the pairs of log10 MSE of the output against full compute",
         "psnr": [round(-10 * r.error, 3) for r in ordered],
         # every forecast searched, so the choice per row can be judged
-        "psnr_by_forecast": {f: [round(-10 * search_result.by_forecast[f][k].error, 3) for k in order] for f in search.forecasts},
+        "psnr_by_forecast": {f: [round(-10 * search_result.by_forecast[f][k].error, 3) for k in order] for f in forecasts},
         "uniform_psnr": [round(-10 * r.uniform_error, 3) for r in ordered],
         "start": [r.start for r in ordered],
         "passes": search.passes,
@@ -679,7 +680,7 @@ def run_fit(cfg: DictConfig) -> Path:
         budgets=tuple(cfg.get("search_budgets") or ()),
         passes=cfg.get("search_passes", 1),
         radius=cfg.get("search_radius", 1),
-        forecasts=tuple(cfg.get("search_forecasts") or ()),
+        forecasts=cfg.get("search_forecasts", "auto"),
     )
     settings = FitSettings(
         degree=cfg.degree,

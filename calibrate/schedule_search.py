@@ -2,7 +2,8 @@
 
 A *schedule* is the set of step indices (per CFG branch, ``0 .. num_steps - 1``) at which the transformer
 runs; at every other step the runtime adds the cached residual, exactly as TeaCache does when it skips
-(``forecast="reuse"``), or its linear extrapolation from the last two computed residuals (``"linear"``).
+(``forecast="reuse"``), or its linear extrapolation from the last two computed residuals (``"linear"``), or
+returns a forecast of the whole output (``"output_linear"``, ``"output_corrected"``: :mod:`runtime.forecasts`).
 Step 0 is always in it (nothing is cached before it) and both CFG branches follow the same schedule.
 
 The schedule is forced through the runtime itself, not a copy of it: :func:`forced_schedule` hooks
@@ -25,7 +26,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from runtime.errors import ConfigError
 
@@ -38,16 +39,39 @@ if TYPE_CHECKING:
 Schedule = frozenset  # of int step indices
 
 
-def check_forecasts(forecasts: object, option: str, error: type[Exception] = ConfigError) -> tuple[str, ...]:
-    """``forecasts`` as a tuple: at least one, distinct, each among ``runtime.settings.FORECASTS``; else ``error``
-    naming the setting ``option``."""
+def check_forecasts(forecasts: object, option: str, error: type[Exception] = ConfigError) -> tuple[str, ...] | str:
+    """``forecasts`` as a tuple (at least one, distinct, each among ``runtime.settings.FORECASTS``), or ``"auto"``
+    (every forecast the model's sampler runs: :func:`resolve_forecasts`); else ``error`` naming the setting ``option``."""
     from runtime.settings import FORECASTS
 
-    values = tuple(forecasts or ())
+    if forecasts == "auto":
+        return "auto"
+    try:
+        values = () if isinstance(forecasts, str) else tuple(forecasts)  # a list, tuple or hydra ListConfig
+    except TypeError:
+        values = ()
     if not values or len(set(values)) != len(values) or any(f not in FORECASTS for f in values):
         raise error(
-            f"{option} must list distinct forecasts among {', '.join(FORECASTS)}, got {list(values)!r}; "
+            f"{option} must be auto or list distinct forecasts among {', '.join(FORECASTS)}, got {forecasts!r}; "
             f"pass e.g. {option}=[reuse,linear]."
+        )
+    return values
+
+
+def resolve_forecasts(forecasts: tuple[str, ...] | str, scheduler: object, option: str, error: type[Exception] = ConfigError) -> tuple[str, ...]:
+    """The forecasts to search with the model's ``scheduler``: ``"auto"`` gives every one it runs
+    (``runtime.forecasts.forecasts_for``); a list naming ``output_corrected`` with a sampler it is not exact for is
+    refused with ``error``."""
+    from runtime.forecasts import forecasts_for
+
+    runnable = forecasts_for(scheduler)
+    if forecasts == "auto":
+        return runnable
+    values = check_forecasts(forecasts, option, error)
+    if "output_corrected" in values and "output_corrected" not in runnable:
+        raise error(
+            f"{option} names output_corrected, which needs a FlowMatchEulerDiscreteScheduler, but this model samples "
+            f"with a {type(scheduler).__name__}; drop it, or pass {option}=auto."
         )
     return values
 
@@ -88,11 +112,11 @@ class ScheduleChange:
 @contextlib.contextmanager
 def forced_schedule(
     transformer: torch.nn.Module, change: ScheduleChange, num_steps: Callable[[], int | None],
-    forecast: str | Callable[[], str] = "reuse",
+    forecast: str | Callable[[], str] = "reuse", scheduler: Any = None,
 ) -> Iterator[None]:
     """The runtime's TeaCache hooks on ``transformer``, driven by ``change`` instead of the fitted polynomial; a
     skipped step adds the residual ``forecast`` says (``runtime.settings.FORECASTS``, or a function giving it
-    per output)."""
+    per output). ``scheduler``: the pipeline's (``output_corrected`` needs it)."""
     from runtime import DecisionRule
     from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
     from runtime.stats import CacheStats
@@ -100,7 +124,7 @@ def forced_schedule(
     fixed = forecast if isinstance(forecast, str) else "reuse"
     rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None, forecast=fixed)
     provider = None if isinstance(forecast, str) else forecast
-    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change, provider))
+    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change, provider, scheduler))
     try:
         yield
     finally:
@@ -130,7 +154,7 @@ def schedule_errors(
         return [float(np.mean((output(p, s) - full) ** 2)) for (p, s), full in zip(pairs, fulls)]
 
     scheduler = model.pipe.scheduler
-    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps), forecast):
+    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps), forecast, scheduler):
         yield mse
 
 

@@ -19,7 +19,7 @@ On prompts and seeds the fit never saw, side by side in one run:
 - ``schedule_search``: per output and budget, the schedule (which steps to compute) with the smallest
   error of the final image against full compute, found by a search over real generations
   (calibrate/schedule_search.py), once per forecast (``schedule_search.forecasts``: what a skipped step
-  adds), the better kept: the bound no skip rule should beat.
+  does; by default every one the sampler runs), the best kept: the bound no skip rule should beat.
 
 Per setting: PSNR and SSIM against full compute (LPIPS when its weights are already on disk), the
 reference model's own judge (calibrate.metrics.Perceptual: agreement with full compute's verdict and a
@@ -224,7 +224,7 @@ def method_applied(
             change = ScheduleChange(lambda: schedules[extras["current"]["key"]][setting][0])
             forecast = lambda: schedules[extras["current"]["key"]][setting][1]  # noqa: E731 (per output)
         scheduler = model.pipe.scheduler
-        with forced_schedule(transformer, change, lambda: len(scheduler.timesteps), forecast):
+        with forced_schedule(transformer, change, lambda: len(scheduler.timesteps), forecast, scheduler):
             yield
     elif method == "teacache":  # the upstream rule, whichever rule is the file's default
         with TeaCache.from_coefficients(coefficients, rule="teacache", rel_l1_thresh=setting).apply(model.pipe):
@@ -582,7 +582,8 @@ def _check_search_settings(cfg: DictConfig, methods: list[str], num_steps: int) 
         raise ConfigError(f"schedule_search.greedy must be true or false, got {search.get('greedy')!r}.")
     from .schedule_search import check_forecasts
 
-    search["forecasts"] = list(check_forecasts(search.get("forecasts"), "schedule_search.forecasts"))
+    forecasts = check_forecasts(search.get("forecasts", "auto"), "schedule_search.forecasts")
+    search["forecasts"] = forecasts if forecasts == "auto" else list(forecasts)
     return search
 
 
@@ -593,13 +594,13 @@ def search_all(
     sweep.json (settings, cost, and per output and budget the schedule, its forecast and its gain over uniform).
     One search per forecast of ``search["forecasts"]``; per output and budget the better result is kept."""
     from .metrics import psnr_of_mse
-    from .schedule_search import computed_steps, schedule_errors, search_each_forecast
+    from .schedule_search import computed_steps, resolve_forecasts, schedule_errors, search_each_forecast
 
     steps = recipe.num_inference_steps
     counts = {b: computed_steps(b, steps) for b in budgets}
     schedules: dict[tuple[str, int], dict[float, frozenset]] = {}
     per_output, evaluations, seconds = [], 0, 0.0
-    forecasts = search.get("forecasts") or ["reuse"]
+    forecasts = list(resolve_forecasts(search.get("forecasts", "auto"), model.pipe.scheduler, "schedule_search.forecasts"))
     for prompt, seed in tqdm(work, desc="schedule search", unit="output", dynamic_ncols=True):
 
         @contextlib.contextmanager
@@ -632,7 +633,7 @@ def search_all(
             ],
         })
     report = {
-        "settings": {**search, "budgets": budgets},
+        "settings": {**search, "forecasts": forecasts, "budgets": budgets},
         "evaluations": evaluations,
         "seconds": round(seconds, 2),
         "seconds_per_evaluation": round(seconds / max(evaluations, 1), 4),

@@ -67,7 +67,8 @@ class TeaCache:
         threshold whose computed fraction in the file's threshold table is at most ``1 / speedup``.
         ``overrides`` may set ``warmup_steps``, ``final_steps``, ``max_consecutive_skips``, ``rule`` (a variant
         the fit calibrated: its own default threshold and table are used) and ``forecast`` (``reuse``, the cached
-        residual, or ``linear``, its extrapolation from the last two computed ones).
+        residual; ``linear``, its extrapolation from the last two computed ones; ``output_linear``, the transformer
+        output's; ``output_corrected``, that and the latent repaired at the next computed step, Euler samplers only).
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
         rule = overrides.pop("rule", None) or coefficients.defaults.rule
@@ -121,7 +122,7 @@ class TeaCache:
             stats = self._stats.setdefault(name, CacheStats())
             steps = _step_counter(name, experts, scheduler, pipe, num_inference_steps)
             try:
-                apply_teacache(transformer, TeaCacheConfig(rule, self.signal, stats, steps))
+                apply_teacache(transformer, TeaCacheConfig(rule, self.signal, stats, steps, scheduler=scheduler))
             except BaseException:
                 self.remove()
                 raise

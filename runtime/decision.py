@@ -53,8 +53,10 @@ class DecisionRule:
       step 0 is computed, and warm-up, final steps and the cap on skips in a row do not apply; a skipped step
       adds the residual the row's forecast says (the one its schedule was searched with).
 
-    ``forecast`` (``runtime.settings.FORECASTS``): what a skipped call adds to its input, the cached residual
-    (``reuse``) or its linear extrapolation from the last two computed ones (``linear``).
+    ``forecast`` (``runtime.settings.FORECASTS``): what a skipped call does: add the cached residual to its input
+    (``reuse``) or that residual's linear extrapolation from the last two computed ones (``linear``), or return the
+    transformer output's extrapolation (``output_linear``; ``output_corrected`` also repairs the latent at the
+    next computed step, Euler samplers only: :mod:`runtime.forecasts`).
     """
 
     coefficients: tuple[float, ...]

@@ -19,8 +19,11 @@ Three parts, one role each:
   - every other block: passes its input through on a skip; the tail stores
     ``residual = stack output - stack input`` on a computed call.
 
-The model's own ``norm_out``/``proj_out`` still run on a skipped call. A call that raised inside the
-stack leaves its state marked unfinished, and the next call of that state starts a clean generation.
+The model's own ``norm_out``/``proj_out`` still run on a skipped call. With an output forecast
+(``output_linear``, ``output_corrected``: :mod:`runtime.forecasts`) the context hook's ``post_forward`` then
+replaces a skipped call's output by the forecast, and keeps (and, corrected, adjusts) a computed call's. A call
+that raised inside the stack leaves its state marked unfinished, and the next call of that state starts a clean
+generation.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapte
 from .coefficients import SIGNALS
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
+from .forecasts import OUTPUT_FORECASTS, OutputHistory, euler_sigma_step, refuse_correction, sample_of, with_sample
 from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .stats import CacheStats, StepRecord
 
@@ -189,6 +193,7 @@ class TeaCacheState(BaseState):
         self.previous_residual: torch.Tensor | None = None  # forecast linear: the computed residual before it
         self.previous_residual_step = -1
         self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
+        self.output_history = OutputHistory()  # output forecasts: the computed outputs (runtime.forecasts)
 
     def reset(self) -> None:
         self.__init__()
@@ -199,9 +204,13 @@ class TeaCacheContextHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state_manager: BranchStates) -> None:
+    def __init__(self, state_manager: BranchStates, on_output: Callable[[Any], Any]) -> None:
         super().__init__()
         self.state_manager = state_manager
+        self.on_output = on_output
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        return self.on_output(output)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()
@@ -244,6 +253,7 @@ class TeaCacheRunner:
         num_steps: NumStepsProvider,
         signal_change: SignalChange | None = None,
         forecast: Callable[[], str] | None = None,
+        scheduler: Any = None,
     ) -> None:
         self.transformer = transformer
         self.state_manager = state_manager
@@ -256,6 +266,8 @@ class TeaCacheRunner:
         self.num_steps = num_steps
         self.signal_change = signal_change
         self.forecast = forecast
+        self.scheduler = scheduler
+        self._sigma_step = euler_sigma_step(scheduler) if scheduler is not None else None
         self._warned_no_step_count = False
         # This call's scratch (transformer calls do not interleave): set by the signal and the head.
         self._signal: torch.Tensor | None = None
@@ -263,6 +275,7 @@ class TeaCacheRunner:
         self._skipping = False
         self._stack_input: torch.Tensor | None = None
         self._joint: dict[int, tuple[str, bool]] = {}  # teacache_joint: step -> (leading branch, its decision)
+        self._decided: tuple[TeaCacheState, int, bool] | None = None  # this call's (state, step, skipped), for its output
 
     # ------------------------------------------------------------------------- interceptors
     def receive_signal(self, signal: torch.Tensor) -> None:
@@ -392,6 +405,7 @@ class TeaCacheRunner:
             state.previous_signal = signal
         state.step += 1
         self._skipping = skipping
+        self._decided = (state, state.step - 1, skipping)
         if skipping:
             state.consecutive_skips += 1
             return self.layouts[0].pack(hidden_states + self._forecast(state, state.step - 1), call.get("encoder_hidden_states"))
@@ -403,6 +417,26 @@ class TeaCacheRunner:
 
     def _forecast_kind(self) -> str:
         return self.forecast() if self.forecast is not None else self.rule.forecast
+
+    @torch.compiler.disable
+    def finish_call(self, output: Any) -> Any:
+        """The transformer's output of this call, under an output forecast: a skipped call's replaced by the
+        forecast, a computed call's kept (and, ``output_corrected``, adjusted for the skipped calls before it)."""
+        decided, self._decided = self._decided, None
+        kind = self._forecast_kind()
+        if decided is None or kind not in OUTPUT_FORECASTS:
+            return output
+        state, step, skipped = decided
+        sigma_step = None
+        if kind == "output_corrected":
+            if self._sigma_step is None:
+                raise refuse_correction(self.scheduler, "TeaCache")
+            sigma_step = self._sigma_step
+        history: OutputHistory = state.output_history
+        if skipped:
+            value = history.forecast(step, sigma_step)
+            return output if value is None else with_sample(output, value)
+        return with_sample(output, history.computed(step, sample_of(output), sigma_step))
 
     def _forecast(self, state: TeaCacheState, step: int) -> torch.Tensor:
         """The residual a skipped call at ``step`` adds: the cached one (``reuse``), or (``linear``) the line
@@ -427,6 +461,8 @@ class TeaCacheConfig:
       (the sweep's oracle and forced schedules use it);
     - ``forecast``: a function giving, per call, the forecast in place of the rule's (forced schedules whose
       forecast changes from one output to the next); None: the rule's.
+    - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``
+      (its sigmas weigh the correction).
     """
 
     rule: DecisionRule
@@ -435,6 +471,7 @@ class TeaCacheConfig:
     num_inference_steps: int | NumStepsProvider | None = None
     signal_change: SignalChange | None = None
     forecast: Callable[[], str] | None = None
+    scheduler: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rule, DecisionRule):
@@ -444,6 +481,8 @@ class TeaCacheConfig:
         steps = self.num_inference_steps
         if steps is not None and not callable(steps) and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ConfigError(f"TeaCacheConfig.num_inference_steps must be a positive integer, a function or None, got {steps!r}.")
+        if self.forecast is None and self.rule.forecast == "output_corrected" and euler_sigma_step(self.scheduler) is None:
+            raise refuse_correction(self.scheduler, "TeaCache")
 
     def steps_provider(self) -> NumStepsProvider:
         steps = self.num_inference_steps
@@ -469,13 +508,15 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRu
     layouts = [adapter.layout(block) for block in blocks]  # fail before registering anything
     source = adapter.signal_source(transformer, signal)
     manager = BranchStates(TeaCacheState)
-    runner = TeaCacheRunner(transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change, forecast)
+    runner = TeaCacheRunner(
+        transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change, forecast, config.scheduler
+    )
 
     existed = hasattr(transformer, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if not existed:
         registry._teacache_created = True
-    registry.register_hook(TeaCacheContextHook(manager), CONTEXT_HOOK)
+    registry.register_hook(TeaCacheContextHook(manager, runner.finish_call), CONTEXT_HOOK)
     intercept.intercept(blocks[0], HEAD, runner.head)
     for index, block in enumerate(blocks[1:], start=1):
         intercept.intercept(block, BLOCK, runner.block(index))

@@ -10,7 +10,9 @@ replay and the sweep all hold this one validated object.
 - ``forecast``: what a skipped call adds to its input: ``reuse``, the last computed residual (TeaCache's own
   behaviour; files without the field mean it), or ``linear``, that residual extrapolated along the line through
   the branch's last two computed residuals, by step index (a first-order forecast, as TaylorSeer makes of
-  attention outputs).
+  attention outputs); or ``output_linear`` and ``output_corrected`` (:mod:`runtime.forecasts`): the skipped call
+  returns the line through the branch's last two computed transformer *outputs*, and ``output_corrected`` (with a
+  ``FlowMatchEulerDiscreteScheduler`` only) also repairs the latent at the next computed step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ RULES = ("teacache", "teacache_dsigma", "teacache_joint", "teacache_drift", "fix
 #: Rules whose steps are set by a schedule, not by x (x is still measured and recorded).
 SCHEDULE_RULES = ("fixed_schedule", "searched_schedule")
 #: What a skipped call adds to its input (see the module's docstring).
-FORECASTS = ("reuse", "linear")
+FORECASTS = ("reuse", "linear", "output_linear", "output_corrected")
 
 
 def _is_number(value: Any) -> bool:
@@ -106,5 +108,7 @@ def validate_decision_settings(
     if forecast not in FORECASTS:
         raise ConfigError(
             f"{where}: forecast must be one of {', '.join(FORECASTS)}, got {forecast!r} (reuse: the cached residual "
-            "as TeaCache does; linear: extrapolated from the last two computed residuals)."
+            "as TeaCache does; linear: extrapolated from the last two computed residuals; output_linear: the transformer "
+            "output extrapolated from the last two computed ones; output_corrected: that, and the latent repaired at the "
+            "next computed step, Euler samplers only)."
         )

@@ -25,10 +25,11 @@ CLASSES = {"qwen_image": "QwenImageTransformer2DModel", "flux": "FluxTransformer
 STEPS = 6
 
 
-def coefficients(family, thresh):
+def coefficients(family, thresh, forecast="reuse"):
     return Coefficients(
         model=f"cp_{family}", transformer_class=CLASSES[family], signal="modulated_input", coefficients=(1.0, 0.0),
-        x_range=None, defaults=DecisionDefaults(rel_l1_thresh=thresh), provenance={"kind": "published", "source": "tests"},
+        x_range=None, defaults=DecisionDefaults(rel_l1_thresh=thresh, forecast=forecast),
+        provenance={"kind": "published", "source": "tests"},
     )
 
 
@@ -51,8 +52,8 @@ def sample(transformer, calls):
     return outputs
 
 
-def cached(transformer, calls, family, thresh):
-    with TeaCache.from_coefficients(coefficients(family, thresh)).apply(transformer, num_inference_steps=STEPS) as cache:
+def cached(transformer, calls, family, thresh, forecast="reuse"):
+    with TeaCache.from_coefficients(coefficients(family, thresh, forecast)).apply(transformer, num_inference_steps=STEPS) as cache:
         outputs = sample(transformer, calls)
         decisions = {b: [(r.computed, r.x) for r in s.trace] for b, s in cache.stats.items()}
     return outputs, decisions
@@ -79,6 +80,7 @@ def main():
         calls = transformer_inputs(pipe, family)
         result = {"single_full": sample(transformer, calls)}
         result["single_cached"], result["single_decisions"] = cached(transformer, calls, family, args.thresh)
+        result["single_output_linear"], _ = cached(transformer, calls, family, args.thresh, "output_linear")
         result["single_trace"] = recorded(pipe, family)
         # Applied before enable_parallelism, then removed; then enable_parallelism first and applied after.
         cache = TeaCache.from_coefficients(coefficients(family, args.thresh)).apply(transformer, num_inference_steps=STEPS)
@@ -90,6 +92,7 @@ def main():
         result["cp_full"] = sample(transformer, calls)
         result["cp_zero"], _ = cached(transformer, calls, family, 0.0)
         result["cp_cached"], result["cp_decisions"] = cached(transformer, calls, family, args.thresh)
+        result["cp_output_linear"], _ = cached(transformer, calls, family, args.thresh, "output_linear")
         result["cp_trace"] = recorded(pipe, family)
         torch.save(result, os.path.join(args.out, f"{family}.rank{rank}.pt"))
     dist.barrier()

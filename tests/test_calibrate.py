@@ -494,7 +494,8 @@ def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qw
 
     traces_path, _ = qwen_calibration
     path = fit_to(traces_path, tmp_path / "s.json",
-                  ["model=tiny_qwen_image", "search=2", "search_budgets=[0.5,0.75]", "search_passes=1", "plot=false"])
+                  ["model=tiny_qwen_image", "search=2", "search_budgets=[0.5,0.75]", "search_passes=1", "plot=false",
+                   "search_forecasts=[reuse,output_corrected]"])
     c = load_coefficients(path)
     entry = c.rules["searched_schedule"]
     n = c.recipe["num_inference_steps"]
@@ -507,9 +508,9 @@ def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qw
     assert all(a >= b - 1e-9 for a, b in zip(entry["fit"]["psnr"], entry["fit"]["uniform_psnr"]))
     # one search per forecast; each row keeps the better one, and the runtime runs the row with it
     by_forecast = entry["fit"]["psnr_by_forecast"]
-    assert set(by_forecast) == {"reuse", "linear"}
+    assert set(by_forecast) == {"reuse", "output_corrected"}
     for i, forecast in enumerate(entry["forecasts"]):
-        assert entry["fit"]["psnr"][i] == max(by_forecast["reuse"][i], by_forecast["linear"][i])
+        assert entry["fit"]["psnr"][i] == max(by_forecast["reuse"][i], by_forecast["output_corrected"][i])
         assert by_forecast[forecast][i] == entry["fit"]["psnr"][i]
         assert TeaCache.from_coefficients(path, rule="searched_schedule", rel_l1_thresh=entry["thresholds"][i]["rel_l1_thresh"]).rule.forecast == forecast
 

@@ -22,7 +22,7 @@ def pipe():
     return build_tiny_pipeline("qwen_image")
 
 
-def forced_schedule():
+def forced_schedule(forecast="reuse"):
     """p(x) = 0 and a cap of 2 skips: computed, skipped, skipped, computed, ... whatever the inputs."""
     return Coefficients(
         model="test_compile",
@@ -30,7 +30,7 @@ def forced_schedule():
         signal="modulated_input",
         coefficients=(0.0,),
         x_range=None,
-        defaults=DecisionDefaults(rel_l1_thresh=1.0, max_consecutive_skips=2),
+        defaults=DecisionDefaults(rel_l1_thresh=1.0, max_consecutive_skips=2, forecast=forecast),
         provenance={"kind": "published", "source": "tests"},
     )
 
@@ -70,13 +70,17 @@ def uncompile(transformer):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("order", ["apply_then_compile", "compile_then_apply"])
-@pytest.mark.parametrize("how", ["regional", "regional_fullgraph", "whole"])
-def test_compiled_teacache_decides_as_eager_and_remove_restores(pipe, how, order):
+@pytest.mark.parametrize(
+    "how, order, forecast",
+    [(how, order, "reuse") for how in ("regional", "regional_fullgraph", "whole") for order in ("apply_then_compile", "compile_then_apply")]
+    + [("regional_fullgraph", "apply_then_compile", "output_linear"), ("whole", "compile_then_apply", "output_linear")],
+)
+def test_compiled_teacache_decides_as_eager_and_remove_restores(pipe, how, order, forecast):
+    """Also with an output forecast: its work on the transformer's output runs outside compiled regions too."""
     transformer = pipe.transformer
     inputs = transformer_inputs(pipe)
     eager_reference = sample(transformer, inputs)
-    with TeaCache.from_coefficients(forced_schedule()).apply(transformer, num_inference_steps=STEPS) as cache:
+    with TeaCache.from_coefficients(forced_schedule(forecast)).apply(transformer, num_inference_steps=STEPS) as cache:
         eager_cached = sample(transformer, inputs)
         eager_decisions = [(r.computed, r.reason) for r in cache.stats["cond"].trace]
     assert [c for c, _ in eager_decisions] == [True, False, False, True, False, False, True, True]
@@ -86,9 +90,9 @@ def test_compiled_teacache_decides_as_eager_and_remove_restores(pipe, how, order
         counters.clear()
         if order == "compile_then_apply":
             model = compile_model(transformer, how)
-            cache = TeaCache.from_coefficients(forced_schedule()).apply(transformer, num_inference_steps=STEPS)
+            cache = TeaCache.from_coefficients(forced_schedule(forecast)).apply(transformer, num_inference_steps=STEPS)
         else:
-            cache = TeaCache.from_coefficients(forced_schedule()).apply(transformer, num_inference_steps=STEPS)
+            cache = TeaCache.from_coefficients(forced_schedule(forecast)).apply(transformer, num_inference_steps=STEPS)
             model = compile_model(transformer, how)
         compiled_cached = sample(model, inputs)  # warm-up: compiles both the computed and the skipped path
         assert [(r.computed, r.reason) for r in cache.stats["cond"].trace] == eager_decisions

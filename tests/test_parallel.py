@@ -67,6 +67,9 @@ def test_context_parallel_teacache_equals_single_process(ranks, family):
         assert close(rank["cp_full"], rank["single_full"])  # context parallelism itself is exact
         assert close(rank["cp_cached"], rank["single_cached"])
         assert close(rank["cp_cached_before"], rank["single_cached"])
+        # an output forecast acts on the gathered output: the same on every rank as in one process
+        assert close(rank["cp_output_linear"], rank["single_output_linear"])
+        assert not close(rank["single_output_linear"], rank["single_cached"])
         assert all(torch.equal(a, b) for a, b in zip(rank["cp_zero"], rank["cp_full"]))  # threshold 0: no cache
 
 

@@ -1,5 +1,7 @@
 """The runtime on tiny random-init configs of the real diffusers pipelines (never mocks)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from runtime import (
     rel_l1,
 )
 from runtime.intercept import intercept, original_class, release
+from runtime.stats import CacheStats
 
 CLASSES = {
     "qwen_image": "QwenImageTransformer2DModel",
@@ -404,9 +407,15 @@ def test_a_generation_that_raises_leaves_no_state_behind(pipes, where):
     np.testing.assert_array_equal(again, clean)
 
 
-def test_one_host_read_per_transformer_call(pipes, monkeypatch):
+@pytest.mark.parametrize("forecast", ["reuse", "output_linear", "output_corrected"])
+def test_one_host_read_per_transformer_call(pipes, monkeypatch, forecast):
     """Every way a tensor reaches the host is counted, with and without TeaCache: the cache adds one read
-    per call (the decision and its numbers for `stats`), on computed and skipped calls alike."""
+    per call (the decision and its numbers for `stats`), on computed and skipped calls alike, whatever the
+    forecast (the correction reads the scheduler's sigmas where they are, on the pipeline's device)."""
+    import dataclasses
+
+    from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
+
     pipe = pipes["flux"]
     transformer = pipe.transformer
     kwargs = _transformer_kwargs(pipe, "flux")
@@ -430,11 +439,16 @@ def test_one_host_read_per_transformer_call(pipes, monkeypatch):
         return counts
 
     baseline = reads_per_call(3)
-    with TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=10.0).apply(
-        transformer, num_inference_steps=6
-    ) as cache:
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=1.0)
+    rule = dataclasses.replace(TeaCache.from_coefficients(coefficients("flux"), rel_l1_thresh=10.0).rule, forecast=forecast)
+    stats = CacheStats()
+    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", stats, 6, scheduler=scheduler))
+    try:
         cached = reads_per_call(6)
-    assert [r.computed for r in cache.stats["cond"].trace] == [True, False, False, False, False, True]
+    finally:
+        remove_teacache(transformer)
+    assert [r.computed for r in stats.branches["cond"].trace] == [True, False, False, False, False, True]
     assert cached == [baseline[0] + 1] * 6, (baseline, cached)
 
 

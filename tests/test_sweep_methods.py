@@ -282,7 +282,7 @@ def test_sweep_rows_for_the_new_methods(tmp_path):
     assert search["evaluations"] > 0 and search["per_output"][0]["budgets"][0]["computed_steps"] == 4
     # one search per forecast, the better kept; the row is generated with the kept schedule and its forecast
     budget = search["per_output"][0]["budgets"][0]
-    assert set(budget["psnr_by_forecast"]) == {"reuse", "linear"}
+    assert set(budget["psnr_by_forecast"]) == set(search["settings"]["forecasts"]) == {"reuse", "linear", "output_linear", "output_corrected"}
     assert budget["psnr"] == max(budget["psnr_by_forecast"].values()) == budget["psnr_by_forecast"][budget["forecast"]]
     assert rows[("schedule_search", 0.5)]["psnr"] == pytest.approx(budget["psnr"], abs=2e-3)
     assert (out / "pareto.png").stat().st_size > 10_000
@@ -295,7 +295,7 @@ def test_sweep_rows_for_the_new_methods(tmp_path):
         (["methods=[schedule_search]", "schedule_search.passes=-1"], "schedule_search.passes must be an integer >= 0"),
         (["methods=[schedule_search]", "schedule_search.radius=0"], "schedule_search.radius must be an integer >= 1"),
         (["methods=[uniform,tayloseer]"], "unknown method 'tayloseer'"),
-        (["methods=[schedule_search]", "schedule_search.forecasts=[reuse,cubic]"], "schedule_search.forecasts must list"),
+        (["methods=[schedule_search]", "schedule_search.forecasts=[reuse,cubic]"], "schedule_search.forecasts must be auto or list"),
         (["methods=[taylorseer]", "taylorseer.factors_dtype=float8"], "taylorseer.factors_dtype='float8' is not"),
         (["methods=[taylorseer]", "thresholds.taylorseer=[0,2]"], "cache intervals, integers >= 1"),
     ],
@@ -310,3 +310,106 @@ def test_bad_settings_of_the_new_methods_are_refused_before_loading(tmp_path, mo
     cfg = compose_cfg("sweep", [*overrides, f"out={tmp_path}/s", "device=cpu"])
     with pytest.raises(ConfigError, match=message):
         run_sweep(cfg)
+
+
+def forecast_run(model, schedule, forecast):
+    """Per call (cond and uncond alternate): the model's own output (proj_out's) and what the transformer returned,
+    under a forced schedule and ``forecast``; and the scheduler's sigmas."""
+    transformer, scheduler = model.transformer, model.pipe.scheduler
+    raw, returned = [], []
+    handles = [
+        transformer.proj_out.register_forward_hook(lambda m, a, out: raw.append(out.detach().clone())),
+        transformer.register_forward_hook(lambda m, a, out: returned.append(out[0].detach().clone())),
+    ]
+    try:
+        with forced_schedule(transformer, ScheduleChange(frozenset(schedule)), lambda: len(scheduler.timesteps), forecast, scheduler):
+            image = generate(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(raw) == len(returned) == 2 * STEPS
+    return raw, returned, scheduler.sigmas.double(), image
+
+
+@pytest.mark.parametrize("forecast", ["output_linear", "output_corrected"])
+def test_output_forecasts_against_a_plain_reference(model, forecast):
+    """A skipped call returns v_a + (v_a - v_b) (k - a) / (a - b), v_a and v_b the branch's last two computed
+    outputs (v_a alone until two exist); a computed call returns its own output, and under output_corrected, after
+    skipped steps a+1..k-1, v_k + sum_j dsigma_j (v~_j - v^_j) / dsigma_k with v~_j = v_a + (v_k - v_a)(j - a)/(k - a),
+    v^_j what step j returned, dsigma_j = sigma_{j+1} - sigma_j (the Euler step the latent then takes)."""
+    schedule = {0, 3, 4, 7}
+    raw, returned, sigma, _ = forecast_run(model, schedule, forecast)
+    for branch in (0, 1):
+        computed, used = [], {}
+        for step in range(STEPS):
+            i = 2 * step + branch
+            if step not in schedule:
+                (b, v_b), (a, v_a) = computed[-2:] if len(computed) > 1 else (computed[-1], computed[-1])
+                expected = v_a if a == b else v_a + (v_a - v_b) * (step - a) / (a - b)
+                used[step] = expected
+            else:
+                v = raw[i]
+                expected = v
+                if forecast == "output_corrected" and computed and computed[-1][0] < step - 1:
+                    a, v_a = computed[-1]
+                    shift = sum((sigma[j + 1] - sigma[j]).item() * (v_a + (v - v_a) * (j - a) / (step - a) - used[j])
+                                for j in range(a + 1, step))
+                    expected = v + shift / (sigma[step + 1] - sigma[step]).item()
+                computed.append((step, v))
+            torch.testing.assert_close(returned[i], expected, rtol=1e-4, atol=1e-5)
+    # the correction changed what the computed calls after a skip returned; output_linear left them alone
+    changed = not torch.equal(returned[2 * 3], raw[2 * 3])
+    assert changed == (forecast == "output_corrected")
+
+
+def test_output_corrected_lands_the_euler_latent_on_the_reestimated_path(model):
+    """Its point: after computed step k the latent is where the re-estimated outputs would have taken it. With no
+    CFG (one branch) the pipeline's latent after step 4 under {0, 4} equals x_0 + dsigma_0 v_0 + sum_{j=1..3}
+    dsigma_j v~_j + dsigma_4 v_4, v~ on the line from v_0 to v_4; output_linear's does not."""
+    recipe = Recipe(num_inference_steps=STEPS, height=32, width=32, guidance=1.0, negative_prompt="")
+    transformer, scheduler = model.transformer, model.pipe.scheduler
+    latents = {}
+    for forecast in ("output_linear", "output_corrected"):
+        raw, inputs = [], []
+        handles = [
+            transformer.proj_out.register_forward_hook(lambda m, a, out: raw.append(out.detach().double())),
+            transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"].detach().double()), with_kwargs=True),
+        ]
+        try:
+            with forced_schedule(transformer, ScheduleChange(frozenset({0, 4, 5, 6, 7})), lambda: len(scheduler.timesteps), forecast, scheduler):
+                model.generate(PROMPT, SEED, recipe, output_type="np")
+        finally:
+            for handle in handles:
+                handle.remove()
+        sigma = scheduler.sigmas.double()
+        v0, v4 = raw[0], raw[4]
+        expected = inputs[0] + (sigma[1] - sigma[0]) * v0
+        expected = expected + sum((sigma[j + 1] - sigma[j]) * (v0 + (v4 - v0) * j / 4) for j in range(1, 4))
+        expected = expected + (sigma[5] - sigma[4]) * v4
+        latents[forecast] = (inputs[5], expected)
+    torch.testing.assert_close(*latents["output_corrected"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(*latents["output_linear"], rtol=1e-4, atol=1e-4)
+
+
+def test_output_corrected_needs_an_euler_scheduler(model):
+    from runtime import TeaCache
+    from runtime.forecasts import forecasts_for
+
+    assert forecasts_for(model.pipe.scheduler) == ("reuse", "linear", "output_linear", "output_corrected")
+    assert "output_corrected" not in forecasts_for(None)
+    # the fit's and the sweep's searches: auto is every forecast the sampler runs; naming one it cannot is refused
+    from diffusers import UniPCMultistepScheduler
+
+    from calibrate.schedule_search import resolve_forecasts
+
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    assert resolve_forecasts("auto", unipc, "search_forecasts") == ("reuse", "linear", "output_linear")
+    assert resolve_forecasts(["output_linear"], unipc, "search_forecasts") == ("output_linear",)
+    with pytest.raises(ConfigError, match="search_forecasts names output_corrected.*UniPCMultistepScheduler; drop it"):
+        resolve_forecasts(["reuse", "output_corrected"], unipc, "search_forecasts")
+    with pytest.raises(ConfigError, match="forecast output_corrected .* bare transformer.*use forecast=output_linear"):
+        TeaCache.from_coefficients("reference", rule="teacache", forecast="output_corrected").apply(model.transformer)
+    assert not hasattr(model.transformer, "_diffusers_hook") or model.transformer._diffusers_hook.get_hook("teacache") is None
+    with TeaCache.from_coefficients("reference", rule="teacache", forecast="output_corrected", rel_l1_thresh=0.3).apply(model.pipe) as cache:
+        generate(model)
+    assert 0 < cache.stats["cond"].skipped < STEPS
