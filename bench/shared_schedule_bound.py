@@ -35,12 +35,12 @@ def main() -> None:
     parser.add_argument("--coefficients", type=Path, default=None,
                         help="the file whose searched schedules to score (default coefficients/<model>.json)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--forecasts", type=lambda v: v.split(","), default="auto",
+    parser.add_argument("--forecasts", type=lambda v: v.split(","), default=None,
                         help="what a skipped step does, one search each (comma-separated; default, as the sweep's: "
                              "every forecast the model's sampler runs)")
     args = parser.parse_args()
     setup = held_out_setup(args.model)
-    args.forecasts = list(resolve_forecasts(args.forecasts, setup.model.pipe.scheduler, "--forecasts"))
+    args.forecasts = list(resolve_forecasts(args.forecasts or "auto", setup.model.pipe.scheduler, "--forecasts"))
     sweep, work, recipe, model = setup.sweep, setup.outputs(args.outputs), setup.recipe, setup.model
     per_output = {(p["prompt"], p["seed"]): {b["budget"]: b["psnr"] for b in p["budgets"]}
                   for p in sweep["schedule_search"]["per_output"]}

@@ -69,23 +69,34 @@ def refuse_correction(scheduler: Any, where: str) -> ConfigError:
     )
 
 
-def sample_of(output: Any) -> torch.Tensor:
-    """The output tensor of what a diffusers transformer returns (``(sample, ...)`` or ``.sample``)."""
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
+def _raw_sample(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return getattr(output, "sample", None)
+
+
+def sample_of(output: Any) -> torch.Tensor:
+    """The output tensor of what a diffusers transformer returns (``(sample, ...)`` or ``.sample``); a sample
+    given as a list of equally shaped tensors, one per batch item (Z-Image), stacked into one."""
+    sample = _raw_sample(output)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if (isinstance(sample, (list, tuple)) and sample and all(isinstance(t, torch.Tensor) for t in sample)
+            and len({t.shape for t in sample}) == 1):
+        return torch.stack(list(sample))
     raise TeaCacheError(
         f"the output forecasts need the transformer's output tensor, but its forward returned a "
-        f"{type(output).__name__}; use forecast=reuse or linear for this model."
+        f"{type(output).__name__} without one (or a list of differently shaped ones); use forecast=reuse or linear "
+        "for this model."
     )
 
 
 def with_sample(output: Any, sample: torch.Tensor) -> Any:
-    """``output`` with its output tensor replaced by ``sample`` (same container type)."""
+    """``output`` with its output tensor replaced by ``sample`` (same container type; a list sample stays a list)."""
+    if isinstance(_raw_sample(output), (list, tuple)):
+        sample = type(_raw_sample(output))(sample.unbind(0))
     if isinstance(output, torch.Tensor):
         return sample
     if isinstance(output, (tuple, list)):

@@ -149,17 +149,20 @@ def test_high_threshold_computes_fewer_calls_of_the_last_block(transformers, ref
     assert not torch.equal(cached[skipped_steps[0]], reference[skipped_steps[0]])
 
 
+@pytest.mark.parametrize("forecast", ["reuse", "output_linear"])
 @pytest.mark.parametrize("family", TINY_TRANSFORMERS)
-def test_a_skipped_call_with_unchanged_inputs_returns_the_computed_output(transformers, family):
+def test_a_skipped_call_with_unchanged_inputs_returns_the_computed_output(transformers, family, forecast):
     """The cached residual spans exactly the skipped blocks, on the image tokens the model keeps.
 
     Two calls with the same inputs: the first computes, the second (x = 0) is skipped and must give
     the computed output up to the rounding of ``input + (output - input)``. A residual taken on the
-    wrong tokens of a joint stream, or a block left out of the span, breaks this.
+    wrong tokens of a joint stream, or a block left out of the span, breaks this. With ``output_linear``
+    (one computed output: nothing to extrapolate) the skipped call returns that output itself, in the
+    container the model returns.
     """
     transformer = transformer_of(transformers, family)
     kwargs = tiny_transformer_kwargs(family, tiny_latents(family), 0.5)
-    cache = TeaCache.from_coefficients(coefficients(family, 10.0)).apply(transformer, num_inference_steps=STEPS)
+    cache = TeaCache.from_coefficients(coefficients(family, 10.0), forecast=forecast).apply(transformer, num_inference_steps=STEPS)
     try:
         with torch.no_grad():
             outputs = []
@@ -172,6 +175,8 @@ def test_a_skipped_call_with_unchanged_inputs_returns_the_computed_output(transf
         cache.remove()
     assert [r.computed for r in trace] == [True, False]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    if forecast == "output_linear":
+        assert torch.equal(outputs[1], outputs[0])
 
 
 @pytest.mark.parametrize("family", TINY_TRANSFORMERS)

@@ -549,3 +549,24 @@ def test_drift_rule_measures_against_the_last_computed_call(pipes):
     assert [r.computed for r in trace] == [True] + [False] * 6 + [True]
     assert [r.x for r in trace[2:7:2]] == [0.0, 0.0, 0.0]  # the input of the last computed call again
     assert all(r.x == pytest.approx(a, rel=1e-5) for r in trace[1:7:2])
+
+
+def test_output_forecasts_keep_the_container_the_model_returns():
+    """The output forecasts read and replace the output tensor in whatever a transformer returns: a tuple (its
+    other items kept), a Transformer2DModelOutput, a list of per-item tensors (Z-Image); anything else is refused
+    with the fix."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from runtime.forecasts import sample_of, with_sample
+
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    assert torch.equal(with_sample((a, "extra"), b)[0], b) and with_sample((a, "extra"), b)[1] == "extra"
+    replaced = with_sample(Transformer2DModelOutput(sample=a), b)
+    assert isinstance(replaced, Transformer2DModelOutput) and torch.equal(replaced.sample, b)
+    per_item = ([a[0], a[1]],)
+    assert torch.equal(sample_of(per_item), a)
+    back = with_sample(per_item, b)[0]
+    assert isinstance(back, list) and len(back) == 2 and torch.equal(back[1], b[1])
+    for bad in ({"sample": a}, ([torch.zeros(2), torch.zeros(3)],)):
+        with pytest.raises(TeaCacheError, match="output forecasts need the transformer's output tensor.*use forecast=reuse"):
+            sample_of(bad)
