@@ -37,11 +37,13 @@ from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, 
 def first_outputs(setup, pairs: list[tuple[str, int]]) -> np.ndarray:
     """Per (prompt, seed), the transformer's first output of a full-compute generation (step 0, the first CFG
     branch), flattened and scaled to unit length."""
+    from runtime.forecasts import sample_of
+
     captured: list = []
 
     def keep(module, args, kwargs, out) -> None:
         if not captured:
-            captured.append((out[0] if isinstance(out, (tuple, list)) else out.sample).detach().flatten().double())
+            captured.append(sample_of(out).detach().flatten().double())
 
     handle = setup.model.transformer.register_forward_hook(keep, with_kwargs=True)
     rows = []

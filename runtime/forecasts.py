@@ -17,7 +17,8 @@ returns (the velocity, for flow-matching models), per CFG branch:
   reuse past outputs in their update, so the correction is refused there.
 
 The state of one branch is an :class:`OutputHistory`; :func:`sample_of` and :func:`with_sample` read and replace
-the output tensor of what a transformer returns (a tuple or a ``Transformer2DModelOutput``).
+the output tensor of what a transformer returns (a tuple or a ``Transformer2DModelOutput``; a sample given as a
+list of per-item tensors, as Z-Image returns it, is stacked, and given back as a list).
 """
 
 from __future__ import annotations
