@@ -62,7 +62,7 @@ def resolve_forecasts(forecasts: tuple[str, ...] | str, scheduler: object, optio
     """The forecasts to search with the model's ``scheduler``: ``"auto"`` gives every one it runs
     (``runtime.forecasts.forecasts_for``); a list naming ``output_corrected`` with a sampler it is not exact for is
     refused with ``error``."""
-    from runtime.forecasts import forecasts_for
+    from runtime.forecasts import CORRECTED_SAMPLERS, forecasts_for
 
     runnable = forecasts_for(scheduler)
     if forecasts == "auto":
@@ -70,8 +70,8 @@ def resolve_forecasts(forecasts: tuple[str, ...] | str, scheduler: object, optio
     values = check_forecasts(forecasts, option, error)
     if "output_corrected" in values and "output_corrected" not in runnable:
         raise error(
-            f"{option} names output_corrected, which needs a FlowMatchEulerDiscreteScheduler, but this model samples "
-            f"with a {type(scheduler).__name__}; drop it, or pass {option}=auto."
+            f"{option} names output_corrected, which needs {CORRECTED_SAMPLERS}, but this model samples with a "
+            f"{type(scheduler).__name__}; drop it, or pass {option}=auto."
         )
     return values
 

@@ -11,10 +11,19 @@ returns (the velocity, for flow-matching models), per CFG branch:
   ``v_a`` to ``v_k`` (an interpolation now that ``v_k`` is known) and step ``k``'s output carries what the
   latent missed: ``v_k + sum_j dsigma_j (v~_j - v^_j) / dsigma_k``, ``v^_j`` the forecast a skipped call
   returned, ``v~_j`` its re-estimate, ``dsigma_j = sigma_{j+1} - sigma_j``. An Euler step
-  ``x_{j+1} = x_j + dsigma_j v_j`` then lands where the re-estimated outputs would have taken it. That holds for
-  diffusers' ``FlowMatchEulerDiscreteScheduler`` (deterministic) alone, through any linear CFG combination;
-  a pipeline's norm rescale of the combined output makes it approximate. Multistep samplers (Wan's UniPC)
-  reuse past outputs in their update, so the correction is refused there.
+  ``x_{j+1} = x_j + dsigma_j v_j`` then lands where the re-estimated outputs would have taken it
+  (diffusers' ``FlowMatchEulerDiscreteScheduler``, deterministic).
+
+  A multistep sampler (``UniPCMultistepScheduler``, Wan's) keeps using past outputs, the forecasts among them,
+  so no one-gap formula lands it. Its step is still linear, with coefficients set by the schedule alone: the
+  latent step ``k`` returns is ``w0_k x_0 + sum_i W[k, i] m_i`` over the outputs ``m_i`` it was given.
+  :class:`SamplerWeights` finds ``W`` by running a copy of the scheduler on one-hot outputs (and checks it on
+  random ones). Every computed call ``k`` then returns ``v_k + c_k``, with ``c_k`` chosen so that the latent
+  step ``k`` returns equals the one the re-estimated outputs (and the corrections so far) give, counting every
+  gap of the generation. The cost: one latent-sized float32 tensor per gap, kept until the generation ends.
+
+  Both hold through any linear CFG combination; a pipeline's norm rescale of the combined output makes them
+  approximate. Other samplers (stochastic ones, thresholding) are refused.
 
 The state of one branch is an :class:`OutputHistory`; :func:`sample_of` and :func:`with_sample` read and replace
 the output tensor of what a transformer returns (a tuple or a ``Transformer2DModelOutput``; a sample given as a
@@ -23,6 +32,7 @@ list of per-item tensors, as Z-Image returns it, is stacked, and given back as a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -55,19 +65,101 @@ def euler_sigma_step(scheduler: Any) -> SigmaStep | None:
     return step
 
 
+def multistep_weights(scheduler: Any) -> "SamplerWeights | None":
+    """The probed weights of ``scheduler`` when ``output_corrected`` lands it through them (a
+    ``UniPCMultistepScheduler`` without thresholding); else None."""
+    from diffusers import UniPCMultistepScheduler
+
+    if isinstance(scheduler, UniPCMultistepScheduler) and not scheduler.config.thresholding:
+        return SamplerWeights(scheduler)
+    return None
+
+
+def corrects(scheduler: Any) -> bool:
+    """Whether ``output_corrected`` can run with ``scheduler``."""
+    return euler_sigma_step(scheduler) is not None or multistep_weights(scheduler) is not None
+
+
 def forecasts_for(scheduler: Any) -> tuple[str, ...]:
-    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` only with Euler)."""
+    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` with Euler or UniPC)."""
     from .settings import FORECASTS
 
-    return tuple(f for f in FORECASTS if f != "output_corrected" or euler_sigma_step(scheduler) is not None)
+    return tuple(f for f in FORECASTS if f != "output_corrected" or corrects(scheduler))
+
+
+#: the samplers output_corrected lands, for messages
+CORRECTED_SAMPLERS = "a FlowMatchEulerDiscreteScheduler (deterministic) or a UniPCMultistepScheduler (no thresholding)"
 
 
 def refuse_correction(scheduler: Any, where: str) -> ConfigError:
     sampler = "no scheduler (a bare transformer)" if scheduler is None else f"a {type(scheduler).__name__}"
     return ConfigError(
-        f"{where}: forecast output_corrected repairs the latent of a FlowMatchEulerDiscreteScheduler step, but the "
-        f"cache has {sampler}; apply the cache to a pipeline with that scheduler, or use forecast=output_linear."
+        f"{where}: forecast output_corrected repairs the latent of {CORRECTED_SAMPLERS}, but the cache has "
+        f"{sampler}; apply the cache to a pipeline with such a scheduler, or use forecast=output_linear."
     )
+
+
+def probe_weights(scheduler: Any, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w0, W)`` of the generation that starts at step index ``start`` of ``scheduler``'s timesteps: the latent
+    step ``k`` returns is ``w0[k] x_0 + sum_i W[k, i] m_i`` (float64, on the CPU). Runs a copy of the scheduler
+    (through its class's ``step``: the runtime wraps the instance's) on one-hot outputs, then checks the result on
+    random ones; a sampler whose step is not linear in them is refused."""
+    n = len(scheduler.timesteps) - start
+
+    def run(sample: torch.Tensor, outputs: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        probe = copy.deepcopy(scheduler)
+        probe._step_index = None
+        probe.set_begin_index(start)
+        latents = []
+        for k in range(n):
+            sample = type(probe).step(probe, outputs(k), probe.timesteps[start + k], sample, return_dict=False)[0]
+            latents.append(sample)
+        return torch.stack(latents)
+
+    basis = torch.eye(n + 1, dtype=torch.float64)
+    latents = run(basis[:1].clone(), lambda k: basis[k + 1 : k + 2])[:, 0]  # [k, 1 + i]
+    w0, weights = latents[:, 0], latents[:, 1:]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, dtype=torch.float64, generator=generator)
+    m = torch.randn(n, 1, 4, dtype=torch.float64, generator=generator)
+    got = run(x.clone(), lambda k: m[k])
+    expected = w0[:, None, None] * x + torch.einsum("ki,ibc->kbc", weights, m)
+    if not torch.allclose(got, expected, rtol=1e-6, atol=1e-9):
+        raise TeaCacheError(
+            f"forecast output_corrected needs a sampler step that is linear in the model output, but this "
+            f"{type(scheduler).__name__}'s is not (its result differs from the probed weights by "
+            f"{float((got - expected).abs().max()):.2e}); use forecast=output_linear with it."
+        )
+    return w0, weights
+
+
+class SamplerWeights:
+    """``W`` (:func:`probe_weights`) of a multistep sampler for each schedule it runs, float32 on the outputs'
+    device, the last ``keep`` kept. Found again only when the sigmas change: they are compared with
+    ``torch.equal`` where a UniPC scheduler keeps them, on the CPU, so no device is read."""
+
+    def __init__(self, scheduler: Any, keep: int = 8) -> None:
+        self.scheduler = scheduler
+        self.keep = keep
+        self._found: list[tuple[torch.Tensor, int, torch.device, torch.Tensor]] = []  # (sigmas, start, device, W)
+
+    def at_start(self, device: torch.device) -> torch.Tensor:
+        """``W`` of the generation about to run: call it before the scheduler's first step of the generation."""
+        s = self.scheduler
+        if s.step_index is not None:
+            raise TeaCacheError(
+                f"output_corrected: this transformer's first call of a generation came after the "
+                f"{type(s).__name__} had run {s.step_index} step(s), so its multistep weights cannot be found (a "
+                "second expert, as in Wan 2.2, starts mid-way); use forecast=output_linear for it."
+            )
+        start = s.begin_index if s.begin_index is not None else 0
+        sigmas = s.sigmas
+        for known, begin, where, weights in self._found:
+            if begin == start and where == device and known.shape == sigmas.shape and torch.equal(known, sigmas):
+                return weights
+        weights = probe_weights(s, start)[1].to(device=device, dtype=torch.float32)
+        self._found = [*self._found[-(self.keep - 1):], (sigmas.clone(), start, device, weights)]
+        return weights
 
 
 def _raw_sample(output: Any) -> Any:
@@ -106,11 +198,14 @@ def with_sample(output: Any, sample: torch.Tensor) -> Any:
 
 
 class OutputHistory:
-    """One branch's computed outputs (the last two, as computed) and, for ``output_corrected``, what the skipped
-    calls since the last computed one returned, folded into three float32 sums (on the outputs' device) so no
-    skipped output is kept and nothing is read to the host."""
+    """One branch's computed outputs (the last two, as computed) and, for ``output_corrected``, what the
+    correction needs, on the outputs' device with nothing read to the host: with Euler, what the skipped calls
+    since the last computed one returned, folded into three float32 sums (no skipped output is kept); with a
+    multistep sampler (``weights`` set for the generation), one tensor per gap (:meth:`computed`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        self.weights = weights  # a multistep sampler's W for this generation (SamplerWeights.at_start)
+        self.gaps: list[tuple[torch.Tensor, torch.Tensor]] = []  # multistep: (g, u) per gap, see _land
         self.outputs: list[tuple[int, torch.Tensor]] = []  # (step, output as the model computed it), oldest first
         self.skipped_sum: torch.Tensor | None = None  # sum_j dsigma_j v^_j over the skipped calls since outputs[-1]
         self.dsigma_sum: torch.Tensor | float = 0.0  # sum_j dsigma_j
@@ -137,11 +232,13 @@ class OutputHistory:
 
     def computed(self, step: int, output: torch.Tensor, sigma_step: SigmaStep | None) -> torch.Tensor:
         """Keep a computed call's output; returns the output the call should return (corrected when
-        ``sigma_step`` is given and skipped calls came before it)."""
+        ``sigma_step`` (Euler) or ``weights`` (multistep) is given and skipped calls came before it)."""
         if self.outputs and self.outputs[-1][1].shape != output.shape:
-            self.__init__()  # a new resolution: nothing before it applies
+            self.__init__(self.weights)  # a new resolution: nothing before it applies
         result = output
-        if sigma_step is not None and self.skipped_sum is not None and self.outputs:
+        if self.weights is not None and self.outputs:
+            result = self._land(step, output)
+        elif sigma_step is not None and self.skipped_sum is not None and self.outputs:
             # (a sampler step with sigma_{k+1} == sigma_k moves nothing and cannot carry a correction: the schedules
             # diffusers makes never have one)
             a, v_a = self.outputs[-1]
@@ -152,3 +249,39 @@ class OutputHistory:
         self.outputs = [*self.outputs[-1:], (step, output.detach().clone())]
         self.skipped_sum, self.dsigma_sum, self.dsigma_moment = None, 0.0, 0.0
         return result
+
+    def _land(self, step: int, output: torch.Tensor) -> torch.Tensor:
+        """The multistep correction at computed step ``k = step``. Write ``e_i`` for how far the output the sampler
+        got at step ``i`` is from the target: ``v~_j`` at a skipped step, the computed output at a computed one.
+        After computed ``a`` (and ``b`` before it), skipped ``a+1 .. k-1`` and computed ``k``, the gap's errors are
+        ``e_j = v^_j - v~_j = -(j - a) g``, ``g = (v_k - v_a) / (k - a) - (v_a - v_b) / (a - b)`` (without the second
+        term when the forecast had ``v_a`` alone). So every error of the generation is ``e_i = sum_l U[l, i] g_l``
+        over its gaps ``l``, and the latent step ``k`` returns is off by ``sum_l (W[k] . U[l]) g_l`` plus
+        ``W[k, k] c_k``. ``c_k = sum_l coef_l g_l`` with ``coef_l = -(W[k] . U[l]) / W[k, k]`` cancels every term;
+        ``U[l, k] = coef_l`` records it for the steps after."""
+        weights = self.weights
+        if step >= weights.shape[0]:
+            raise TeaCacheError(
+                f"output_corrected: transformer call {step + 1} of a generation whose sampler runs {weights.shape[0]} "
+                "steps; call the pipeline, which sets the scheduler's timesteps before its first step."
+            )
+        a, v_a = self.outputs[-1]
+        if step - a > 1:  # a gap ended here
+            v_k, v_a = output.float(), v_a.float()
+            g = (v_k - v_a) / (step - a)
+            if len(self.outputs) >= 2:
+                b, v_b = self.outputs[-2]
+                g = g - (v_a - v_b.float()) / (a - b)
+            u = torch.zeros(weights.shape[1], device=weights.device, dtype=weights.dtype)
+            u[a + 1 : step] = -torch.arange(1, step - a, device=weights.device, dtype=weights.dtype)
+            self.gaps.append((g, u))
+        if not self.gaps:
+            return output
+        row, here = weights[step], weights[step, step]
+        correction: torch.Tensor | None = None
+        for g, u in self.gaps:
+            coef = torch.where(here != 0, -(row @ u) / here, torch.zeros_like(here))
+            u[step] = coef
+            term = g * coef.to(g.device)
+            correction = term if correction is None else correction + term
+        return (output.float() + correction).to(output.dtype)

@@ -44,7 +44,9 @@ from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapte
 from .coefficients import SIGNALS
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
-from .forecasts import OUTPUT_FORECASTS, OutputHistory, euler_sigma_step, refuse_correction, sample_of, with_sample
+from .forecasts import (
+    OUTPUT_FORECASTS, OutputHistory, corrects, euler_sigma_step, multistep_weights, refuse_correction, sample_of, with_sample,
+)
 from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
 from .stats import CacheStats, StepRecord
 
@@ -268,6 +270,7 @@ class TeaCacheRunner:
         self.forecast = forecast
         self.scheduler = scheduler
         self._sigma_step = euler_sigma_step(scheduler) if scheduler is not None else None
+        self._weights = multistep_weights(scheduler) if self._sigma_step is None and scheduler is not None else None
         self._warned_no_step_count = False
         # This call's scratch (transformer calls do not interleave): set by the signal and the head.
         self._signal: torch.Tensor | None = None
@@ -428,11 +431,13 @@ class TeaCacheRunner:
             return output
         state, step, skipped = decided
         sigma_step = None
+        history: OutputHistory = state.output_history
         if kind == "output_corrected":
-            if self._sigma_step is None:
+            if self._sigma_step is None and self._weights is None:
                 raise refuse_correction(self.scheduler, "TeaCache")
             sigma_step = self._sigma_step
-        history: OutputHistory = state.output_history
+            if self._weights is not None and step == 0:  # a multistep sampler: its weights for this generation
+                history.weights = self._weights.at_start(sample_of(output).device)
         if skipped:
             value = history.forecast(step, sigma_step)
             return output if value is None else with_sample(output, value)
@@ -462,7 +467,7 @@ class TeaCacheConfig:
     - ``forecast``: a function giving, per call, the forecast in place of the rule's (forced schedules whose
       forecast changes from one output to the next); None: the rule's.
     - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``
-      (its sigmas weigh the correction).
+      or a ``UniPCMultistepScheduler`` (its step weighs the correction: :mod:`runtime.forecasts`).
     """
 
     rule: DecisionRule
@@ -481,7 +486,7 @@ class TeaCacheConfig:
         steps = self.num_inference_steps
         if steps is not None and not callable(steps) and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ConfigError(f"TeaCacheConfig.num_inference_steps must be a positive integer, a function or None, got {steps!r}.")
-        if self.forecast is None and self.rule.forecast == "output_corrected" and euler_sigma_step(self.scheduler) is None:
+        if self.forecast is None and self.rule.forecast == "output_corrected" and not corrects(self.scheduler):
             raise refuse_correction(self.scheduler, "TeaCache")
 
     def steps_provider(self) -> NumStepsProvider:

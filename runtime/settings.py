@@ -12,7 +12,8 @@ replay and the sweep all hold this one validated object.
   the branch's last two computed residuals, by step index (a first-order forecast, as TaylorSeer makes of
   attention outputs); or ``output_linear`` and ``output_corrected`` (:mod:`runtime.forecasts`): the skipped call
   returns the line through the branch's last two computed transformer *outputs*, and ``output_corrected`` (with a
-  ``FlowMatchEulerDiscreteScheduler`` only) also repairs the latent at the next computed step.
+  ``FlowMatchEulerDiscreteScheduler`` or a ``UniPCMultistepScheduler``) also repairs the latent at the next
+  computed step.
 """
 
 from __future__ import annotations
@@ -110,5 +111,5 @@ def validate_decision_settings(
             f"{where}: forecast must be one of {', '.join(FORECASTS)}, got {forecast!r} (reuse: the cached residual "
             "as TeaCache does; linear: extrapolated from the last two computed residuals; output_linear: the transformer "
             "output extrapolated from the last two computed ones; output_corrected: that, and the latent repaired at the "
-            "next computed step, Euler samplers only)."
+            "next computed step, with an Euler or UniPC sampler)."
         )

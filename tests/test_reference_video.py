@@ -169,3 +169,63 @@ def test_record_fit_and_runtime_on_the_video_model(video_model, tmp_path):
     fraction = sum(s.computed for s in cache.stats.values()) / sum(s.calls for s in cache.stats.values())
     assert fraction < 0.9
     assert np.isfinite(clips).all() and 0 < np.abs(clips - full).mean() < 0.1
+
+
+def test_output_corrected_lands_unipc_latents_on_the_reestimated_path(video_model):
+    """Wan's UniPC keeps using past outputs, so the correction counts every gap so far. With CFG (two branches), after
+    each computed step k the latent the pipeline hands the transformer at k+1 equals the one a fresh copy of the
+    scheduler reaches from the same start when fed the target outputs: each branch's computed ones as the model
+    computed them, the skipped ones on the line between the computed outputs either side, combined with the
+    guidance scale. output_linear's latents are not there."""
+    import copy
+
+    from calibrate.schedule_search import ScheduleChange, forced_schedule
+    from runtime.forecasts import sample_of
+
+    pipe, encoder = video_model
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    steps, guidance = RECIPE["num_inference_steps"], RECIPE["guidance_scale"]
+    schedule = [0, 1, 4, 5, 9, 12, 13, steps - 1]  # a two-point gap, then one-output-free gaps of 2 to 5 steps
+    kwargs = {k: v for k, v in RECIPE.items() if k != "negative_prompt"}
+    gaps = {}
+    for forecast in ("output_linear", "output_corrected"):
+        raw, inputs = [], []
+        model_forward = transformer.forward
+
+        def recording(*args, **kw):
+            inputs.append(kw["hidden_states"].detach().double().clone())
+            out = model_forward(*args, **kw)
+            raw.append(sample_of(out).detach().double().clone())
+            return out
+
+        transformer.forward = recording  # under the cache's hooks: what the model itself returned
+        try:
+            with forced_schedule(transformer, ScheduleChange(frozenset(schedule)), lambda: len(scheduler.timesteps), forecast, scheduler):
+                pipe(**video_prompt_kwargs(encoder, "a big green circle moving left", RECIPE["negative_prompt"]), **kwargs,
+                     generator=torch.Generator().manual_seed(3), output_type="latent")
+        finally:
+            transformer.__dict__.pop("forward", None)
+        assert len(raw) == 2 * steps
+        targets = []
+        for step in range(steps):
+            branch = []
+            for b in (0, 1):
+                if step in schedule:
+                    branch.append(raw[2 * step + b])
+                else:
+                    a = max(s for s in schedule if s < step)
+                    k = min(s for s in schedule if s > step)
+                    v_a, v_k = raw[2 * a + b], raw[2 * k + b]
+                    branch.append(v_a + (v_k - v_a) * (step - a) / (k - a))
+            cond, uncond = branch
+            targets.append(uncond + guidance * (cond - uncond))
+        replay = copy.deepcopy(scheduler)
+        replay.set_timesteps(steps)
+        latent, errors = inputs[0], []
+        for step in range(steps - 1):
+            latent = type(replay).step(replay, targets[step], replay.timesteps[step], latent, return_dict=False)[0]
+            if step in schedule:
+                errors.append(float((latent - inputs[2 * (step + 1)]).abs().max() / inputs[2 * (step + 1)].abs().max()))
+        gaps[forecast] = errors
+    assert max(gaps["output_corrected"]) < 1e-5, gaps
+    assert max(gaps["output_linear"]) > 1e-3, gaps

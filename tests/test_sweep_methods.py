@@ -391,25 +391,48 @@ def test_output_corrected_lands_the_euler_latent_on_the_reestimated_path(model):
     assert not torch.allclose(*latents["output_linear"], rtol=1e-4, atol=1e-4)
 
 
-def test_output_corrected_needs_an_euler_scheduler(model):
+def test_output_corrected_needs_a_sampler_it_lands(model):
     from runtime import TeaCache
     from runtime.forecasts import forecasts_for
 
-    assert forecasts_for(model.pipe.scheduler) == ("reuse", "linear", "output_linear", "output_corrected")
+    every = ("reuse", "linear", "output_linear", "output_corrected")
+    assert forecasts_for(model.pipe.scheduler) == every
     assert "output_corrected" not in forecasts_for(None)
     # the fit's and the sweep's searches: auto is every forecast the sampler runs; naming one it cannot is refused
-    from diffusers import UniPCMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from calibrate.schedule_search import resolve_forecasts
 
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    assert resolve_forecasts("auto", unipc, "search_forecasts") == ("reuse", "linear", "output_linear")
-    assert resolve_forecasts(["output_linear"], unipc, "search_forecasts") == ("output_linear",)
-    with pytest.raises(ConfigError, match="search_forecasts names output_corrected.*UniPCMultistepScheduler; drop it"):
-        resolve_forecasts(["reuse", "output_corrected"], unipc, "search_forecasts")
+    assert resolve_forecasts("auto", unipc, "search_forecasts") == every
+    for other in (UniPCMultistepScheduler(thresholding=True), DPMSolverMultistepScheduler()):
+        assert resolve_forecasts("auto", other, "search_forecasts") == ("reuse", "linear", "output_linear")
+        with pytest.raises(ConfigError, match=f"search_forecasts names output_corrected.*{type(other).__name__}; drop it"):
+            resolve_forecasts(["reuse", "output_corrected"], other, "search_forecasts")
     with pytest.raises(ConfigError, match="forecast output_corrected .* bare transformer.*use forecast=output_linear"):
         TeaCache.from_coefficients("reference", rule="teacache", forecast="output_corrected").apply(model.transformer)
     assert not hasattr(model.transformer, "_diffusers_hook") or model.transformer._diffusers_hook.get_hook("teacache") is None
     with TeaCache.from_coefficients("reference", rule="teacache", forecast="output_corrected", rel_l1_thresh=0.3).apply(model.pipe) as cache:
         generate(model)
     assert 0 < cache.stats["cond"].skipped < STEPS
+
+
+def test_probed_sampler_weights_are_the_euler_steps_and_a_random_sampler_is_refused():
+    """probe_weights on Euler gives its closed form, W[k, i] = sigma_{i+1} - sigma_i for i <= k (0 above), and w0 = 1;
+    a sampler whose step is not linear in the model output (Euler with stochastic sampling) is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from runtime.errors import TeaCacheError
+    from runtime.forecasts import probe_weights
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(7)
+    w0, weights = probe_weights(euler, 0)
+    steps = euler.sigmas.double().diff()
+    expected = torch.tril(steps.repeat(7, 1))
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w0, torch.ones(7, dtype=torch.float64))
+    stochastic = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    stochastic.set_timesteps(7)
+    with pytest.raises(TeaCacheError, match="linear in the model output.*FlowMatchEulerDiscreteScheduler.*output_linear"):
+        probe_weights(stochastic, 0)
