@@ -6,8 +6,9 @@ Three parts, one role each:
   branch), kept by a diffusers ``StateManager`` (:class:`BranchStates`), so "cond" and "uncond" each
   have their own; a call made outside any cache context uses one state, ``"default"``.
 - :class:`TeaCacheContextHook`: a stateful ``ModelHook`` in the transformer's diffusers
-  ``HookRegistry``. It leaves the forward alone; it is how ``transformer.cache_context(...)`` reaches
-  the state manager and how the pipeline's end-of-call reset clears it.
+  ``HookRegistry``. It is how ``transformer.cache_context(...)`` reaches the state manager and how the
+  pipeline's end-of-call reset clears it; it runs the forward unless the call needs nothing of the model
+  (below).
 - :class:`TeaCacheRunner`: the work, at the calls of the block stack and of the signal's module,
   through :mod:`runtime.intercept` (the class's ``__call__``, outside any region ``torch.compile`` made
   of a block, so regional compilation keeps its speed and ``fullgraph=True`` works):
@@ -21,9 +22,11 @@ Three parts, one role each:
 
 The model's own ``norm_out``/``proj_out`` still run on a skipped call. With an output forecast
 (``output_linear``, ``output_corrected``: :mod:`runtime.forecasts`) the context hook's ``post_forward`` then
-replaces a skipped call's output by the forecast, and keeps (and, corrected, adjusts) a computed call's. A call
-that raised inside the stack leaves its state marked unfinished, and the next call of that state starts a clean
-generation.
+replaces a skipped call's output by the forecast, and keeps (and, corrected, adjusts) a computed call's. A
+schedule rule (``fixed_schedule``, ``searched_schedule``) under an output forecast needs neither the signal nor
+the model on a call its schedule skips, so there the context hook runs nothing of the model
+(:meth:`TeaCacheRunner.skip_call`). A call that raised inside the stack leaves its state marked unfinished, and
+the next call of that state starts a clean generation.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch import nn
 from . import controlnet, intercept
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .coefficients import SIGNALS
+from .settings import SCHEDULE_RULES
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
 from .forecasts import (
@@ -196,6 +200,7 @@ class TeaCacheState(BaseState):
         self.previous_residual_step = -1
         self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
         self.output_history = OutputHistory()  # output forecasts: the computed outputs (runtime.forecasts)
+        self.output_template: Any = None  # the last computed output's container (TeaCacheRunner.skip_call)
 
     def reset(self) -> None:
         self.__init__()
@@ -206,10 +211,17 @@ class TeaCacheContextHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state_manager: BranchStates, on_output: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, state_manager: BranchStates, on_output: Callable[[Any], Any], skip_call: Callable[[], Any | None]
+    ) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.on_output = on_output
+        self.skip_call = skip_call
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        skipped = self.skip_call()  # a call nothing of the model needs to run for
+        return skipped if skipped is not None else self.fn_ref.original_forward(*args, **kwargs)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         return self.on_output(output)
@@ -279,6 +291,7 @@ class TeaCacheRunner:
         self._stack_input: torch.Tensor | None = None
         self._joint: dict[int, tuple[str, bool]] = {}  # teacache_joint: step -> (leading branch, its decision)
         self._decided: tuple[TeaCacheState, int, bool] | None = None  # this call's (state, step, skipped), for its output
+        self._entered: TeaCacheState | None = None  # skip_call's state of this call, when it ran the call after all
 
     # ------------------------------------------------------------------------- interceptors
     def receive_signal(self, signal: torch.Tensor) -> None:
@@ -341,9 +354,8 @@ class TeaCacheRunner:
             )
         return signal
 
-    @torch.compiler.disable
-    def _decide(self, block: nn.Module, args: tuple, kwargs: dict) -> Any | None:
-        """The decision for this call: the skipped call's output, or None when the stack must run."""
+    def _enter_call(self) -> TeaCacheState:
+        """This call's branch state (a call starts), reset when a new generation starts."""
         manager = self.state_manager
         manager.begin_call()
         state: TeaCacheState = manager.get_state()
@@ -354,7 +366,42 @@ class TeaCacheRunner:
             state.reset()
         if state.step == 0:
             self._start_generation(state)
-        self._state = state
+        return state
+
+    @torch.compiler.disable
+    def skip_call(self) -> Any | None:
+        """Before the transformer runs: a schedule rule under an output forecast needs nothing of a skipped call
+        (the schedule decides without the signal, and the output is forecast), so when its schedule skips this
+        call nothing of the model runs. Returns the last computed output's container for :meth:`finish_call` to
+        put the forecast in (the call is recorded as skipped, with no x: the signal was not read), or None: the
+        call runs, and the decision is made at the first block as for every rule."""
+        self._entered = None
+        rule = self.rule
+        if rule.rule not in SCHEDULE_RULES or self.signal_change is not None or self._forecast_kind() not in OUTPUT_FORECASTS:
+            return None
+        state = self._enter_call()
+        template = state.output_template
+        if (
+            template is None
+            or not rule.scheduled_skip(state.step)
+            or rule.scheduled_reason(state.step, state.num_steps) is not None
+            or rule.cap_reached(state.consecutive_skips)
+        ):
+            self._entered = state
+            return None
+        nan = float("nan")
+        self.stats.record(self.state_manager.branch, StepRecord(state.step, nan, nan, nan, False, SKIPPED))
+        state.step += 1
+        state.consecutive_skips += 1
+        self._decided = (state, state.step - 1, True)
+        return template
+
+    @torch.compiler.disable
+    def _decide(self, block: nn.Module, args: tuple, kwargs: dict) -> Any | None:
+        """The decision for this call: the skipped call's output, or None when the stack must run."""
+        manager = self.state_manager
+        state = self._entered if self._entered is not None else self._enter_call()
+        self._state, self._entered = state, None
         group = context_parallel_group(self.transformer)
         if group is not None:  # this rank's shard of the stack input, as the block's own split hooks make it
             args, kwargs = block_local_arguments(block, args, kwargs)
@@ -441,7 +488,9 @@ class TeaCacheRunner:
         if skipped:
             value = history.forecast(step, sigma_step)
             return output if value is None else with_sample(output, value)
-        return with_sample(output, history.computed(step, sample_of(output), sigma_step))
+        result = with_sample(output, history.computed(step, sample_of(output), sigma_step))
+        state.output_template = with_sample(output, history.outputs[-1][1])  # skip_call's container, no new memory
+        return result
 
     def _forecast(self, state: TeaCacheState, step: int) -> torch.Tensor:
         """The residual a skipped call at ``step`` adds: the cached one (``reuse``), or (``linear``) the line
@@ -521,7 +570,7 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRu
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if not existed:
         registry._teacache_created = True
-    registry.register_hook(TeaCacheContextHook(manager, runner.finish_call), CONTEXT_HOOK)
+    registry.register_hook(TeaCacheContextHook(manager, runner.finish_call, runner.skip_call), CONTEXT_HOOK)
     intercept.intercept(blocks[0], HEAD, runner.head)
     for index, block in enumerate(blocks[1:], start=1):
         intercept.intercept(block, BLOCK, runner.block(index))

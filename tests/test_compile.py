@@ -23,15 +23,23 @@ def pipe():
 
 
 def forced_schedule(forecast="reuse"):
-    """p(x) = 0 and a cap of 2 skips: computed, skipped, skipped, computed, ... whatever the inputs."""
+    """p(x) = 0 and a cap of 2 skips: computed, skipped, skipped, computed, ... whatever the inputs. With
+    ``forecast`` "fixed_schedule:<forecast>", the fixed_schedule rule computing those steps (0, 3, 6 and the final
+    one), whose skipped calls under an output forecast run nothing of the model."""
+    rule, _, forecast = forecast.rpartition(":")
+    if rule:
+        defaults = DecisionDefaults(rel_l1_thresh=1.0, rule=rule, forecast=forecast)
+    else:
+        defaults = DecisionDefaults(rel_l1_thresh=1.0, max_consecutive_skips=2, forecast=forecast)
     return Coefficients(
         model="test_compile",
         transformer_class="QwenImageTransformer2DModel",
         signal="modulated_input",
         coefficients=(0.0,),
         x_range=None,
-        defaults=DecisionDefaults(rel_l1_thresh=1.0, max_consecutive_skips=2, forecast=forecast),
+        defaults=defaults,
         provenance={"kind": "published", "source": "tests"},
+        schedule=(0, 3, 6) if rule else None,
     )
 
 
@@ -73,10 +81,12 @@ def uncompile(transformer):
 @pytest.mark.parametrize(
     "how, order, forecast",
     [(how, order, "reuse") for how in ("regional", "regional_fullgraph", "whole") for order in ("apply_then_compile", "compile_then_apply")]
-    + [("regional_fullgraph", "apply_then_compile", "output_linear"), ("whole", "compile_then_apply", "output_linear")],
+    + [("regional_fullgraph", "apply_then_compile", "output_linear"), ("whole", "compile_then_apply", "output_linear")]
+    + [("regional_fullgraph", "apply_then_compile", "fixed_schedule:output_linear"), ("whole", "compile_then_apply", "fixed_schedule:output_linear")],
 )
 def test_compiled_teacache_decides_as_eager_and_remove_restores(pipe, how, order, forecast):
-    """Also with an output forecast: its work on the transformer's output runs outside compiled regions too."""
+    """Also with an output forecast: its work on the transformer's output runs outside compiled regions too, and
+    so does a schedule rule's skip of the whole call."""
     transformer = pipe.transformer
     inputs = transformer_inputs(pipe)
     eager_reference = sample(transformer, inputs)

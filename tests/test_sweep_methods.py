@@ -10,6 +10,7 @@
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +437,39 @@ def test_probed_sampler_weights_are_the_euler_steps_and_a_random_sampler_is_refu
     stochastic.set_timesteps(7)
     with pytest.raises(TeaCacheError, match="linear in the model output.*FlowMatchEulerDiscreteScheduler.*output_linear"):
         probe_weights(stochastic, 0)
+
+
+@pytest.mark.parametrize("forecast", ["output_linear", "output_corrected"])
+def test_a_schedule_rule_under_an_output_forecast_runs_nothing_of_a_skipped_call(model, forecast):
+    """fixed_schedule with an output forecast needs neither the signal nor the stack on a skipped call, so the
+    runtime skips the whole call: the model's head (proj_out) runs at the computed calls only, and the image is
+    bit for bit the one the forced schedule gives (which runs the embeddings and head and then replaces the
+    output); the skipped calls are recorded as skipped, with no x."""
+    from runtime import DecisionRule
+    from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
+    from runtime.stats import CacheStats
+
+    transformer, scheduler = model.transformer, model.pipe.scheduler
+    schedule = frozenset({0, 3, 4, 7})
+    heads = [0]
+    handle = transformer.proj_out.register_forward_pre_hook(lambda *_: heads.__setitem__(0, heads[0] + 1))
+    try:
+        with forced_schedule(transformer, ScheduleChange(schedule), lambda: len(scheduler.timesteps), forecast, scheduler):
+            forced = generate(model)
+        forced_heads, heads[0] = heads[0], 0
+        rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None,
+                            rule="fixed_schedule", schedule=schedule, forecast=forecast)
+        stats = CacheStats()
+        apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", stats, lambda: len(scheduler.timesteps), scheduler=scheduler))
+        try:
+            fast = generate(model)
+        finally:
+            remove_teacache(transformer)
+    finally:
+        handle.remove()
+    assert forced_heads == 2 * STEPS and heads[0] == 2 * len(schedule)
+    np.testing.assert_array_equal(fast, forced)
+    for branch in ("cond", "uncond"):
+        trace = stats.branches[branch].trace
+        assert [r.step for r in trace if r.computed] == sorted(schedule)
+        assert all(math.isnan(r.x) for r in trace if not r.computed)
