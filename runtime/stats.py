@@ -10,7 +10,8 @@ class StepRecord:
     """One transformer call of one branch: the signal change, the prediction and the decision."""
 
     step: int
-    x: float  # relative L1 change of the signal (NaN at step 0 or after a shape change)
+    x: float  # relative L1 change of the signal (NaN at step 0, after a shape change, and at a call a schedule
+    # rule skipped whole under an output forecast: the signal was not read)
     p: float  # max(poly(clamp(x)), 0)
     accumulator: float  # the sum compared to the threshold
     computed: bool
