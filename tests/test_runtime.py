@@ -412,7 +412,8 @@ def test_one_host_read_per_transformer_call(pipes, monkeypatch, forecast):
     """Every way a tensor reaches the host is counted, with and without TeaCache: the cache adds one read
     per call (the decision and its numbers for `stats`), on computed and skipped calls alike, whatever the
     forecast (the Euler correction reads the scheduler's sigmas where they are, on the pipeline's device; with
-    UniPC, the weights probed once per schedule are found again with no read: the second generation)."""
+    UniPC, the sampler's weights are probed once for the schedule, on the CPU, and found again for the second
+    generation with no read)."""
     import dataclasses
 
     from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache, reset_teacache
@@ -443,9 +444,13 @@ def test_one_host_read_per_transformer_call(pipes, monkeypatch, forecast):
     if forecast == "output_corrected_unipc":
         from diffusers import UniPCMultistepScheduler
 
+        import runtime.forecasts
+
         forecast, scheduler = "output_corrected", UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
         scheduler.set_timesteps(6)
         generations = 2
+        probed, probe = [], runtime.forecasts.probe_weights
+        monkeypatch.setattr(runtime.forecasts, "probe_weights", lambda *a: probed.append(1) or probe(*a))
     else:
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=1.0)
@@ -461,6 +466,8 @@ def test_one_host_read_per_transformer_call(pipes, monkeypatch, forecast):
         remove_teacache(transformer)
     assert [r.computed for r in stats.branches["cond"].trace][-6:] == [True, False, False, False, False, True]
     assert cached == [baseline[0] + 1] * 6, (baseline, cached)
+    if generations == 2:
+        assert len(probed) == 1
 
 
 def test_rule_variants_run_in_the_pipeline_as_replay_says(pipes):
