@@ -65,19 +65,17 @@ def euler_sigma_step(scheduler: Any) -> SigmaStep | None:
     return step
 
 
-def multistep_weights(scheduler: Any) -> "SamplerWeights | None":
-    """The probed weights of ``scheduler`` when ``output_corrected`` lands it through them (a
-    ``UniPCMultistepScheduler`` without thresholding); else None."""
+def lands_multistep(scheduler: Any) -> bool:
+    """Whether ``output_corrected`` lands ``scheduler`` through its probed weights (a ``UniPCMultistepScheduler``
+    without thresholding)."""
     from diffusers import UniPCMultistepScheduler
 
-    if isinstance(scheduler, UniPCMultistepScheduler) and not scheduler.config.thresholding:
-        return SamplerWeights(scheduler)
-    return None
+    return isinstance(scheduler, UniPCMultistepScheduler) and not scheduler.config.thresholding
 
 
 def corrects(scheduler: Any) -> bool:
     """Whether ``output_corrected`` can run with ``scheduler``."""
-    return euler_sigma_step(scheduler) is not None or multistep_weights(scheduler) is not None
+    return euler_sigma_step(scheduler) is not None or lands_multistep(scheduler)
 
 
 def forecasts_for(scheduler: Any) -> tuple[str, ...]:

@@ -45,13 +45,14 @@ from torch import nn
 from . import controlnet, intercept
 from .adapters import BlockCall, BlockLayout, ModelAdapter, SignalSource, adapter_for
 from .coefficients import SIGNALS
-from .settings import SCHEDULE_RULES
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
 from .forecasts import (
-    OUTPUT_FORECASTS, OutputHistory, corrects, euler_sigma_step, multistep_weights, refuse_correction, sample_of, with_sample,
+    OUTPUT_FORECASTS, OutputHistory, SamplerWeights, corrects, euler_sigma_step, lands_multistep, refuse_correction, sample_of,
+    with_sample,
 )
 from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
+from .settings import SCHEDULE_RULES
 from .stats import CacheStats, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class TeaCacheRunner:
         self.forecast = forecast
         self.scheduler = scheduler
         self._sigma_step = euler_sigma_step(scheduler) if scheduler is not None else None
-        self._weights = multistep_weights(scheduler) if self._sigma_step is None and scheduler is not None else None
+        self._weights = SamplerWeights(scheduler) if self._sigma_step is None and lands_multistep(scheduler) else None
         self._warned_no_step_count = False
         # This call's scratch (transformer calls do not interleave): set by the signal and the head.
         self._signal: torch.Tensor | None = None
@@ -377,7 +378,7 @@ class TeaCacheRunner:
         call runs, and the decision is made at the first block as for every rule."""
         self._entered = None
         rule = self.rule
-        if rule.rule not in SCHEDULE_RULES or self.signal_change is not None or self._forecast_kind() not in OUTPUT_FORECASTS:
+        if not self._skips_whole_calls(self._forecast_kind()):
             return None
         state = self._enter_call()
         template = state.output_template
@@ -468,6 +469,11 @@ class TeaCacheRunner:
     def _forecast_kind(self) -> str:
         return self.forecast() if self.forecast is not None else self.rule.forecast
 
+    def _skips_whole_calls(self, kind: str) -> bool:
+        """Whether :meth:`skip_call` can skip a call whole: a schedule rule (not a forced schedule, whose
+        ``signal_change`` reads the signal) under an output forecast."""
+        return self.rule.rule in SCHEDULE_RULES and self.signal_change is None and kind in OUTPUT_FORECASTS
+
     @torch.compiler.disable
     def finish_call(self, output: Any) -> Any:
         """The transformer's output of this call, under an output forecast: a skipped call's replaced by the
@@ -489,7 +495,8 @@ class TeaCacheRunner:
             value = history.forecast(step, sigma_step)
             return output if value is None else with_sample(output, value)
         result = with_sample(output, history.computed(step, sample_of(output), sigma_step))
-        state.output_template = with_sample(output, history.outputs[-1][1])  # skip_call's container, no new memory
+        if self._skips_whole_calls(kind):  # skip_call's container, sharing the kept output's memory
+            state.output_template = with_sample(output, history.outputs[-1][1])
         return result
 
     def _forecast(self, state: TeaCacheState, step: int) -> torch.Tensor:
