@@ -522,8 +522,9 @@ class TeaCacheConfig:
       (the sweep's oracle and forced schedules use it);
     - ``forecast``: a function giving, per call, the forecast in place of the rule's (forced schedules whose
       forecast changes from one output to the next); None: the rule's.
-    - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``
-      or a ``UniPCMultistepScheduler`` (its step weighs the correction: :mod:`runtime.forecasts`).
+    - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``,
+      a ``UniPCMultistepScheduler`` or a ``DPMSolverMultistepScheduler`` (a multistep sampler's step weighs the
+      correction: :mod:`runtime.forecasts`).
     """
 
     rule: DecisionRule

@@ -405,8 +405,10 @@ def test_output_corrected_needs_a_sampler_it_lands(model):
     from calibrate.schedule_search import resolve_forecasts
 
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    assert resolve_forecasts("auto", unipc, "search_forecasts") == every
-    for other in (UniPCMultistepScheduler(thresholding=True), DPMSolverMultistepScheduler()):
+    for multistep in (unipc, DPMSolverMultistepScheduler(), DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")):
+        assert resolve_forecasts("auto", multistep, "search_forecasts") == every
+    for other in (UniPCMultistepScheduler(thresholding=True), DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+                  DPMSolverMultistepScheduler(variance_type="learned_range")):
         assert resolve_forecasts("auto", other, "search_forecasts") == ("reuse", "linear", "output_linear")
         with pytest.raises(ConfigError, match=f"search_forecasts names output_corrected.*{type(other).__name__}; drop it"):
             resolve_forecasts(["reuse", "output_corrected"], other, "search_forecasts")
