@@ -1,17 +1,22 @@
 """Every ``searched_schedule`` row of one or more coefficients files, scored on a sweep's held-out outputs.
 
-    python bench/searched_rows.py --model reference --outputs 20 FILE [FILE ...]
+    python bench/searched_rows.py --model reference --outputs 20 [--seed 3000] FILE [FILE ...]
 
 Per file and row (computed steps, forecast): the mean PSNR (dB, each output capped at 100) against full compute
 over the first ``--outputs`` outputs of ``sweep/<model>/sweep.json``, each row run through the runtime with its
 own forecast (``bench._sweep_setup.schedule_psnrs``). Compares fits of the same traces made with other
-settings (``search=16``, say) on outputs none of them saw.
+settings (``search=16``, say) on outputs none of them saw. With ``--seed N`` the outputs are the sweep's held-out
+prompts in turn at seeds N, N+1, ... instead: a validation set, so that fit settings are chosen without looking
+at the outputs the sweep reports. Beside every later file, each row's mean difference to the first file's row
+with as many steps, and its standard error over the outputs.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -21,6 +26,8 @@ from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, 
 
 def main() -> None:
     parser = held_out_parser(__doc__)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="score the sweep's held-out prompts at seeds SEED, SEED+1, ... instead of its outputs")
     parser.add_argument("files", nargs="+", type=Path, help="coefficients files fitted for --model")
     args = parser.parse_args()
     rows = {path: searched_schedules(path) for path in args.files}
@@ -28,12 +35,27 @@ def main() -> None:
     if missing:
         parser.error(f"{', '.join(missing)} has no searched_schedule rule; fit it with `python -m calibrate.fit search=8`.")
     setup = held_out_setup(args.model)
-    work = setup.outputs(args.outputs)
-    print(f"{args.model}: mean PSNR (dB) over {len(work)} held-out outputs, per row (computed steps, forecast)")
+    if args.seed is None:
+        work, what = setup.outputs(args.outputs), "held-out outputs"
+    else:
+        prompts = list(dict.fromkeys(o["prompt"] for o in setup.sweep["outputs"]))
+        work = [(prompts[j % len(prompts)], args.seed + j) for j in range(args.outputs)]
+        what = f"held-out prompts at seeds {args.seed}..{args.seed + args.outputs - 1}"
+    print(f"{args.model}: mean PSNR (dB) over {len(work)} {what}, per row (computed steps, forecast)")
+    first: dict[int, np.ndarray] = {}
     for path, schedules in rows.items():
-        psnr = schedule_psnrs(setup, work, schedules).mean(axis=0)
-        scored = sorted((len(steps), f, float(p)) for (steps, f), p in zip(schedules, psnr))
-        print(f"  {path}: " + "  ".join(f"{k} {f} {p:.2f}" for k, f, p in scored))
+        psnr = schedule_psnrs(setup, work, schedules)  # [output, row]
+        by_steps = {len(steps): (f, psnr[:, j]) for j, (steps, f) in enumerate(schedules)}
+        cells = []
+        for k, (f, p) in sorted(by_steps.items()):
+            cell = f"{k} {f} {p.mean():.2f}"
+            if first and k in first and len(p) > 1:
+                d = p - first[k]
+                cell += f" ({d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f})"
+            cells.append(cell)
+        print(f"  {path}: " + "  ".join(cells))
+        if not first:
+            first = {k: p for k, (_, p) in by_steps.items()}
 
 
 if __name__ == "__main__":

@@ -517,12 +517,16 @@ class SearchSettings:
     passes: int = 1
     radius: int = 1
     forecasts: tuple[str, ...] | str = "auto"  # auto: every forecast the model's sampler runs
+    seed: int | None = None  # the pairs' seeds are seed, seed + 1, ... (one each); None: the recorded training pairs
 
     def __post_init__(self) -> None:
         for name, low in (("pairs", 0), ("passes", 0), ("radius", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise FitError(f"search{'' if name == 'pairs' else '_' + name} must be an integer >= {low}, got {value!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise FitError(f"search_seed must be an integer >= 0 (the first of the search pairs' seeds) or null (the "
+                           f"recorded training pairs), got {self.seed!r}.")
         if not self.budgets or any(
             not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b < 1 for b in self.budgets
         ):
@@ -535,13 +539,26 @@ class SearchSettings:
         object.__setattr__(self, "forecasts", check_forecasts(self.forecasts, "search_forecasts", FitError))
 
 
-def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int) -> list[tuple[str, int]]:
-    """``count`` (prompt, seed) pairs of the fit's training split, spread evenly over its sorted pairs."""
+def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int, seed: int | None = None) -> list[tuple[str, int]]:
+    """``count`` (prompt, seed) pairs of the fit's training split, spread evenly over its sorted pairs; with ``seed``,
+    ``count`` training prompts spread evenly over the sorted ones (in turn if there are fewer), the i-th at seed
+    ``seed + i``: a search on a few recorded seeds fits their noise (digits: two seeds for eight pairs)."""
     fit = coefficients.fit or {}
     held_prompts, held_seeds = set(fit.get("heldout_prompts", [])), set(fit.get("heldout_seeds", []))
     pairs = sorted({(t.prompt, t.seed) for t in traces.trajectories if t.prompt not in held_prompts and t.seed not in held_seeds})
     if not pairs:
         raise FitError("search found no training prompt x seed pair in the traces; record more prompts or seeds.")
+    if seed is not None:
+        seeds = range(seed, seed + count)
+        recorded = held_seeds | {t.seed for t in traces.trajectories}
+        if recorded & set(seeds):
+            raise FitError(
+                f"search_seed={seed} gives seeds {seed}..{seed + count - 1}, which include the recorded seeds "
+                f"{sorted(recorded & set(seeds))}; pass a search_seed past them (e.g. search_seed={max(recorded) + 100})."
+            )
+        prompts = sorted({p for p, _ in pairs})
+        picks = np.linspace(0, len(prompts) - 1, count).round().astype(int) if count <= len(prompts) else np.arange(count) % len(prompts)
+        return [(prompts[i], s) for i, s in zip(picks, seeds)]
     picks = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).round().astype(int))
     return [pairs[i] for i in picks]
 
@@ -562,7 +579,7 @@ def searched_variant(
     counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
     if not counts:
         raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
-    pairs = training_pairs(traces, coefficients, search.pairs)
+    pairs = training_pairs(traces, coefficients, search.pairs, search.seed)
     @contextlib.contextmanager
     def objective(forecast: str) -> Iterator[Callable[[frozenset], float]]:
         bar = tqdm(desc=f"searched_schedule, {forecast} ({len(pairs)} pairs)", unit="schedule", dynamic_ncols=True)
@@ -681,6 +698,7 @@ def run_fit(cfg: DictConfig) -> Path:
         passes=cfg.get("search_passes", 1),
         radius=cfg.get("search_radius", 1),
         forecasts=cfg.get("search_forecasts", "auto"),
+        seed=cfg.get("search_seed", None),
     )
     settings = FitSettings(
         degree=cfg.degree,

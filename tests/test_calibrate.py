@@ -485,6 +485,29 @@ def test_closed_loop_check_stores_realized_fractions(tmp_path, qwen_calibration)
         fit_to(traces_path, tmp_path / "e.json", extra=["closed_loop=-1"])
 
 
+def test_search_pairs_are_training_prompts_at_seeds_of_their_own(qwen_calibration):
+    """search_seed=N: the search's pairs are training prompts spread over the sorted ones (in turn when there are
+    fewer than pairs), at seeds N, N+1, ...; without it, recorded training pairs; a seed range that reaches a
+    recorded seed is refused, and so is a seed that is not a number >= 0."""
+    from calibrate.fit import SearchSettings, training_pairs
+
+    traces_path, coefficients_path = qwen_calibration
+    traces, c = load_traces(traces_path), load_coefficients(coefficients_path)
+    held_prompts, held_seeds = set(c.fit["heldout_prompts"]), set(c.fit["heldout_seeds"])
+    recorded = training_pairs(traces, c, 3)
+    assert len(recorded) == 3 and all(p not in held_prompts and s not in held_seeds for p, s in recorded)
+    assert set(recorded) <= {(t.prompt, t.seed) for t in traces.trajectories}
+    prompts = sorted({t.prompt for t in traces.trajectories} - held_prompts)
+    own = training_pairs(traces, c, 3, seed=100)
+    assert [s for _, s in own] == [100, 101, 102] and len({p for p, _ in own}) == 3 and {p for p, _ in own} <= set(prompts)
+    many = training_pairs(traces, c, len(prompts) + 2, seed=100)
+    assert [p for p, _ in many] == prompts + prompts[:2]
+    with pytest.raises(FitError, match=r"search_seed=0 gives seeds 0\.\.2, which include the recorded seeds \[0, 1\]"):
+        training_pairs(traces, c, 3, seed=0)
+    with pytest.raises(FitError, match="search_seed must be an integer >= 0"):
+        SearchSettings(pairs=2, seed=-1)
+
+
 def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qwen_calibration, tmp_path):
     """fit search=N: one schedule per budget (step 0 in each), searched on training prompt x seed pairs only;
     the runtime then computes exactly those steps (the file's warm-up and final steps do not apply), and its
@@ -495,7 +518,7 @@ def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qw
     traces_path, _ = qwen_calibration
     path = fit_to(traces_path, tmp_path / "s.json",
                   ["model=tiny_qwen_image", "search=2", "search_budgets=[0.5,0.75]", "search_passes=1", "plot=false",
-                   "search_forecasts=[reuse,output_corrected]"])
+                   "search_forecasts=[reuse,output_corrected]", "search_seed=500"])
     c = load_coefficients(path)
     entry = c.rules["searched_schedule"]
     n = c.recipe["num_inference_steps"]
@@ -504,7 +527,7 @@ def test_searched_schedule_is_searched_on_training_pairs_and_runs_as_measured(qw
     assert [r["rel_l1_thresh"] for r in entry["thresholds"]] == [0.25, 0.5]
     pairs = [(p["prompt"], p["seed"]) for p in entry["fit"]["pairs"]]
     assert len(pairs) == 2 and not {p for p, _ in pairs} & set(c.fit["heldout_prompts"])
-    assert not {s for _, s in pairs} & set(c.fit["heldout_seeds"])
+    assert [s for _, s in pairs] == [500, 501]  # search_seed: a seed of its own per pair
     assert all(a >= b - 1e-9 for a, b in zip(entry["fit"]["psnr"], entry["fit"]["uniform_psnr"]))
     # one search per forecast; each row keeps the better one, and the runtime runs the row with it
     by_forecast = entry["fit"]["psnr_by_forecast"]
