@@ -84,7 +84,7 @@ def corrects(scheduler: Any) -> bool:
 
 
 def forecasts_for(scheduler: Any) -> tuple[str, ...]:
-    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` with Euler or UniPC)."""
+    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` with Euler, UniPC or DPM-Solver multistep)."""
     from .settings import FORECASTS
 
     return tuple(f for f in FORECASTS if f != "output_corrected" or corrects(scheduler))
