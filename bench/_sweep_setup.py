@@ -24,6 +24,21 @@ class HeldOutSetup:
         """The sweep's first ``limit`` held-out (prompt, seed) pairs."""
         return [(o["prompt"], o["seed"]) for o in self.sweep["outputs"]][:limit]
 
+    def fresh_outputs(self, count: int, seed: int) -> list[tuple[str, int]]:
+        """``count`` outputs the sweep does not report: its held-out prompts in turn, at seeds ``seed``,
+        ``seed + 1``, ... (a validation set)."""
+        prompts = list(dict.fromkeys(o["prompt"] for o in self.sweep["outputs"]))
+        return [(prompts[j % len(prompts)], seed + j) for j in range(count)]
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired outputs and its standard error (NaN with fewer than two outputs)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
 
 def held_out_parser(doc: str, model: str = "reference", outputs: int = 8) -> argparse.ArgumentParser:
     """A bench's parser, described by its docstring's first line, with ``--model`` and ``--outputs`` (the sweep's

@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, searched_schedules  # noqa: E402
+from bench._sweep_setup import (  # noqa: E402
+    held_out_parser, held_out_setup, paired_difference, schedule_psnrs, searched_schedules,
+)
 
 FRESH_SEED = 3000
 
@@ -42,11 +42,10 @@ def main() -> None:
     coefficients = ROOT / "coefficients" / f"{args.model}.json"
     entry = json.loads(coefficients.read_text())["rules"]["searched_schedule"]
     setup = held_out_setup(args.model)
-    prompts = list(dict.fromkeys(o["prompt"] for o in setup.sweep["outputs"]))
     sets = {
         "training pairs (the file's row chosen here)": [(p["prompt"], p["seed"]) for p in entry["fit"]["pairs"]],
         "held-out outputs (the other chosen here)": setup.outputs(bound["outputs"]),
-        "fresh outputs (neither)": [(prompts[j % len(prompts)], FRESH_SEED + j) for j in range(args.fresh)],
+        "fresh outputs (neither)": setup.fresh_outputs(args.fresh, FRESH_SEED),
     }
     rows = {len(steps): (steps, forecast) for steps, forecast in searched_schedules(coefficients)}
     pairs = [(b, (rows[b["computed_steps"]], (frozenset(b["shared_in_sample_steps"]), b["shared_in_sample_forecast"])))
@@ -66,13 +65,12 @@ def main() -> None:
         print(f"  {b['computed_steps']} steps: file {sorted(file_steps)} ({file_forecast}), other {sorted(other_steps)} ({other_forecast})")
         for name, m in scores.items():
             file_psnr, other_psnr = m[:, 2 * j], m[:, 2 * j + 1]
-            diff = other_psnr - file_psnr
-            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-            row["sets"][name] = {"outputs": len(diff), "file": round(float(file_psnr.mean()), 2),
+            mean, se = paired_difference(other_psnr, file_psnr)
+            row["sets"][name] = {"outputs": len(file_psnr), "file": round(float(file_psnr.mean()), 2),
                                  "other": round(float(other_psnr.mean()), 2),
-                                 "other_minus_file": round(float(diff.mean()), 2), "standard_error": round(se, 2)}
-            print(f"     {name:<45} ({len(diff):2d}): file {file_psnr.mean():6.2f}, other {other_psnr.mean():6.2f}, "
-                  f"other - file {diff.mean():+5.2f} +- {se:.2f}")
+                                 "other_minus_file": round(mean, 2), "standard_error": round(se, 2)}
+            print(f"     {name:<45} ({len(file_psnr):2d}): file {file_psnr.mean():6.2f}, other {other_psnr.mean():6.2f}, "
+                  f"other - file {mean:+5.2f} +- {se:.2f}")
         result.append(row)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._sweep_setup import held_out_parser, held_out_setup, schedule_psnrs, searched_schedules  # noqa: E402
+from bench._sweep_setup import (  # noqa: E402
+    held_out_parser, held_out_setup, paired_difference, schedule_psnrs, searched_schedules,
+)
 
 
 def main() -> None:
@@ -38,8 +40,7 @@ def main() -> None:
     if args.seed is None:
         work, what = setup.outputs(args.outputs), "held-out outputs"
     else:
-        prompts = list(dict.fromkeys(o["prompt"] for o in setup.sweep["outputs"]))
-        work = [(prompts[j % len(prompts)], args.seed + j) for j in range(args.outputs)]
+        work = setup.fresh_outputs(args.outputs, args.seed)
         what = f"held-out prompts at seeds {args.seed}..{args.seed + args.outputs - 1}"
     print(f"{args.model}: mean PSNR (dB) over {len(work)} {what}, per row (computed steps, forecast)")
     first: dict[int, np.ndarray] = {}
@@ -50,8 +51,8 @@ def main() -> None:
         for k, (f, p) in sorted(by_steps.items()):
             cell = f"{k} {f} {p.mean():.2f}"
             if first and k in first and len(p) > 1:
-                d = p - first[k]
-                cell += f" ({d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f})"
+                mean, se = paired_difference(p, first[k])
+                cell += f" ({mean:+.2f} +- {se:.2f})"
             cells.append(cell)
         print(f"  {path}: " + "  ".join(cells))
         if not first:

@@ -550,7 +550,7 @@ def training_pairs(traces: TraceSet, coefficients: Coefficients, count: int, see
         raise FitError("search found no training prompt x seed pair in the traces; record more prompts or seeds.")
     if seed is not None:
         seeds = range(seed, seed + count)
-        recorded = held_seeds | {t.seed for t in traces.trajectories}
+        recorded = {t.seed for t in traces.trajectories}  # held-out seeds among them
         if recorded & set(seeds):
             raise FitError(
                 f"search_seed={seed} gives seeds {seed}..{seed + count - 1}, which include the recorded seeds "

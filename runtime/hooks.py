@@ -382,12 +382,7 @@ class TeaCacheRunner:
             return None
         state = self._enter_call()
         template = state.output_template
-        if (
-            template is None
-            or not rule.scheduled_skip(state.step)
-            or rule.scheduled_reason(state.step, state.num_steps) is not None
-            or rule.cap_reached(state.consecutive_skips)
-        ):
+        if template is None or not rule.scheduled_skip(state.step) or self._forced_reason(state) is not None:
             self._entered = state
             return None
         nan = float("nan")
@@ -411,9 +406,7 @@ class TeaCacheRunner:
         hidden_states = call.get("hidden_states")
         signal = self._take_signal()
 
-        reason = self.rule.scheduled_reason(state.step, state.num_steps)
-        if reason is None and self.rule.cap_reached(state.consecutive_skips):
-            reason = MAX_SKIPS
+        reason = self._forced_reason(state)
         if reason is None and state.residual is None:
             reason = FIRST
         previous = state.anchor_signal if self.rule.rule == "teacache_drift" else state.previous_signal
@@ -465,6 +458,14 @@ class TeaCacheRunner:
         state.unfinished = True
         self._stack_input = hidden_states
         return None
+
+    def _forced_reason(self, state: TeaCacheState) -> str | None:
+        """Why this call of ``state`` must be computed whatever the rule says (the schedule's forced steps, the cap
+        on skips in a row), or None."""
+        reason = self.rule.scheduled_reason(state.step, state.num_steps)
+        if reason is None and self.rule.cap_reached(state.consecutive_skips):
+            reason = MAX_SKIPS
+        return reason
 
     def _forecast_kind(self) -> str:
         return self.forecast() if self.forecast is not None else self.rule.forecast
