@@ -3,7 +3,7 @@
     python bench/output_forecast.py [--model reference] [--outputs 10] [--json PATH]
 
 Runs the file's ``searched_schedule`` rows, each with the forecast the file gives it, beside the same schedules
-under ``output_linear`` and (where the sampler allows it: Euler, UniPC or DPM-Solver) ``output_corrected``; and the sweep's
+under ``output_linear`` and (where the sampler allows it: Euler, UniPC, DEIS or DPM-Solver) ``output_corrected``; and the sweep's
 per-output schedules (the bound's) under the output forecasts, beside the PSNR the search recorded with its own
 forecast. All through the runtime (``bench._sweep_setup.schedule_psnrs``), on the sweep's first ``--outputs``
 held-out outputs. Mean PSNR (dB) against full compute, each output capped at 100.

@@ -69,7 +69,7 @@ class TeaCache:
         the fit calibrated: its own default threshold and table are used) and ``forecast`` (``reuse``, the cached
         residual; ``linear``, its extrapolation from the last two computed ones; ``output_linear``, the transformer
         output's; ``output_corrected``, that and the latent repaired at the next computed step, with an Euler,
-        UniPC or DPM-Solver multistep sampler).
+        UniPC, DEIS or DPM-Solver sampler).
         """
         coefficients = source if isinstance(source, Coefficients) else load_coefficients(source)
         rule = overrides.pop("rule", None) or coefficients.defaults.rule

@@ -56,7 +56,7 @@ class DecisionRule:
     ``forecast`` (``runtime.settings.FORECASTS``): what a skipped call does: add the cached residual to its input
     (``reuse``) or that residual's linear extrapolation from the last two computed ones (``linear``), or return the
     transformer output's extrapolation (``output_linear``; ``output_corrected`` also repairs the latent at the
-    next computed step, with an Euler, UniPC or DPM-Solver multistep sampler: :mod:`runtime.forecasts`).
+    next computed step, with an Euler, UniPC, DEIS or DPM-Solver sampler: :mod:`runtime.forecasts`).
     """
 
     coefficients: tuple[float, ...]

@@ -14,7 +14,8 @@ returns (the velocity, for flow-matching models), per CFG branch:
   ``x_{j+1} = x_j + dsigma_j v_j`` then lands where the re-estimated outputs would have taken it
   (diffusers' ``FlowMatchEulerDiscreteScheduler``, deterministic).
 
-  A multistep sampler (``UniPCMultistepScheduler``, Wan's; ``DPMSolverMultistepScheduler``, Sana's) keeps using past outputs, the forecasts among them,
+  A multistep sampler (``UniPCMultistepScheduler``, Wan's; ``DPMSolverMultistepScheduler``, Sana's; DEIS, and
+  DPM-Solver's singlestep form, whose later stages reuse the stage's first output) keeps using past outputs, the forecasts among them,
   so no one-gap formula lands it. Its step is still linear, with coefficients set by the schedule alone: the
   latent step ``k`` returns is ``w0_k x_0 + sum_i W[k, i] m_i`` over the outputs ``m_i`` it was given.
   :class:`SamplerWeights` finds ``W`` by running a copy of the scheduler on one-hot outputs (and checks it on
@@ -67,13 +68,15 @@ def euler_sigma_step(scheduler: Any) -> SigmaStep | None:
 
 def lands_multistep(scheduler: Any) -> bool:
     """Whether ``output_corrected`` lands ``scheduler`` through its probed weights: a ``UniPCMultistepScheduler``
-    (Wan's) or a deterministic ``DPMSolverMultistepScheduler`` (``dpmsolver`` or ``dpmsolver++``, Sana's and
-    PixArt's), without thresholding or a learned variance (an output with twice the latent's channels)."""
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    (Wan's), a ``DEISMultistepScheduler``, or a deterministic ``DPMSolverMultistepScheduler`` or
+    ``DPMSolverSinglestepScheduler`` (``dpmsolver`` or ``dpmsolver++``; the multistep one is Sana's and PixArt's), without
+    thresholding or a learned variance (an output with twice the latent's channels)."""
+    from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler
 
-    if not isinstance(scheduler, (UniPCMultistepScheduler, DPMSolverMultistepScheduler)) or scheduler.config.thresholding:
+    dpm = (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler)
+    if not isinstance(scheduler, (UniPCMultistepScheduler, DEISMultistepScheduler, *dpm)) or scheduler.config.thresholding:
         return False
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
+    if isinstance(scheduler, dpm):
         return scheduler.config.algorithm_type in ("dpmsolver", "dpmsolver++") and scheduler.config.variance_type is None
     return True
 
@@ -84,7 +87,7 @@ def corrects(scheduler: Any) -> bool:
 
 
 def forecasts_for(scheduler: Any) -> tuple[str, ...]:
-    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` with Euler, UniPC or DPM-Solver multistep)."""
+    """Every forecast the runtime can run with ``scheduler`` (``output_corrected`` with Euler, UniPC, DEIS or DPM-Solver)."""
     from .settings import FORECASTS
 
     return tuple(f for f in FORECASTS if f != "output_corrected" or corrects(scheduler))
@@ -92,8 +95,8 @@ def forecasts_for(scheduler: Any) -> tuple[str, ...]:
 
 #: the samplers output_corrected lands, for messages
 CORRECTED_SAMPLERS = (
-    "a FlowMatchEulerDiscreteScheduler (deterministic), a UniPCMultistepScheduler or a DPMSolverMultistepScheduler "
-    "(dpmsolver or dpmsolver++; neither with thresholding)"
+    "a FlowMatchEulerDiscreteScheduler (deterministic), a UniPCMultistepScheduler, a DEISMultistepScheduler, or a "
+    "DPMSolverMultistepScheduler or DPMSolverSinglestepScheduler (dpmsolver or dpmsolver++), none with thresholding"
 )
 
 
@@ -144,7 +147,7 @@ def probe_weights(scheduler: Any, start: int) -> tuple[torch.Tensor, torch.Tenso
 class SamplerWeights:
     """``W`` (:func:`probe_weights`) of a multistep sampler for each schedule it runs, float32 on the outputs'
     device, the last ``keep`` kept. Found again only when the sigmas change: they are compared with
-    ``torch.equal`` where a UniPC or DPM-Solver scheduler keeps them, on the CPU, so no device is read."""
+    ``torch.equal`` where the scheduler keeps them, on the CPU, so no device is read."""
 
     def __init__(self, scheduler: Any, keep: int = 8) -> None:
         self.scheduler = scheduler

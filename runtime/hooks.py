@@ -524,7 +524,7 @@ class TeaCacheConfig:
     - ``forecast``: a function giving, per call, the forecast in place of the rule's (forced schedules whose
       forecast changes from one output to the next); None: the rule's.
     - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``,
-      a ``UniPCMultistepScheduler`` or a ``DPMSolverMultistepScheduler`` (a multistep sampler's step weighs the
+      a ``UniPCMultistepScheduler``, a ``DEISMultistepScheduler`` or a DPM-Solver one (a multistep sampler's step weighs the
       correction: :mod:`runtime.forecasts`).
     """
 

@@ -12,7 +12,7 @@ replay and the sweep all hold this one validated object.
   the branch's last two computed residuals, by step index (a first-order forecast, as TaylorSeer makes of
   attention outputs); or ``output_linear`` and ``output_corrected`` (:mod:`runtime.forecasts`): the skipped call
   returns the line through the branch's last two computed transformer *outputs*, and ``output_corrected`` (with a
-  ``FlowMatchEulerDiscreteScheduler``, a ``UniPCMultistepScheduler`` or a ``DPMSolverMultistepScheduler``) also repairs the latent at the next
+  ``FlowMatchEulerDiscreteScheduler``, a ``UniPCMultistepScheduler``, a ``DEISMultistepScheduler`` or a DPM-Solver one) also repairs the latent at the next
   computed step.
 """
 
@@ -111,5 +111,5 @@ def validate_decision_settings(
             f"{where}: forecast must be one of {', '.join(FORECASTS)}, got {forecast!r} (reuse: the cached residual "
             "as TeaCache does; linear: extrapolated from the last two computed residuals; output_linear: the transformer "
             "output extrapolated from the last two computed ones; output_corrected: that, and the latent repaired at the "
-            "next computed step, with an Euler, UniPC or DPM-Solver multistep sampler)."
+            "next computed step, with an Euler, UniPC, DEIS or DPM-Solver sampler)."
         )

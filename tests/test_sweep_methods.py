@@ -400,15 +400,19 @@ def test_output_corrected_needs_a_sampler_it_lands(model):
     assert forecasts_for(model.pipe.scheduler) == every
     assert "output_corrected" not in forecasts_for(None)
     # the fit's and the sweep's searches: auto is every forecast the sampler runs; naming one it cannot is refused
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    from diffusers import (
+        DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, SASolverScheduler, UniPCMultistepScheduler,
+    )
 
     from calibrate.schedule_search import resolve_forecasts
 
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    for multistep in (unipc, DPMSolverMultistepScheduler(), DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")):
+    for multistep in (unipc, DPMSolverMultistepScheduler(), DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+                      DPMSolverSinglestepScheduler(), DEISMultistepScheduler()):
         assert resolve_forecasts("auto", multistep, "search_forecasts") == every
     for other in (UniPCMultistepScheduler(thresholding=True), DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
-                  DPMSolverMultistepScheduler(variance_type="learned_range")):
+                  DPMSolverMultistepScheduler(variance_type="learned_range"), DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++"),
+                  DEISMultistepScheduler(thresholding=True), SASolverScheduler()):
         assert resolve_forecasts("auto", other, "search_forecasts") == ("reuse", "linear", "output_linear")
         with pytest.raises(ConfigError, match=f"search_forecasts names output_corrected.*{type(other).__name__}; drop it"):
             resolve_forecasts(["reuse", "output_corrected"], other, "search_forecasts")
