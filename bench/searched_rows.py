@@ -1,6 +1,6 @@
 """Every ``searched_schedule`` row of one or more coefficients files, scored on a sweep's held-out outputs.
 
-    python bench/searched_rows.py --model reference --outputs 20 [--seed 3000] FILE [FILE ...]
+    python bench/searched_rows.py --model reference --outputs 20 [--seed 3000] [--every-forecast] FILE [FILE ...]
 
 Per file and row (computed steps, forecast): the mean PSNR (dB, each output capped at 100) against full compute
 over the first ``--outputs`` outputs of ``sweep/<model>/sweep.json``, each row run through the runtime with its
@@ -9,6 +9,11 @@ settings (``search=16``, say) on outputs none of them saw. With ``--seed N`` the
 prompts in turn at seeds N, N+1, ... instead: a validation set, so that fit settings are chosen without looking
 at the outputs the sweep reports. Beside every later file, each row's mean difference to the first file's row
 with as many steps, and its standard error over the outputs.
+
+With ``--every-forecast`` each row's schedule also runs under every forecast the model's sampler runs, and the line
+adds the mean over outputs of the best of them per output: what choosing the forecast per output (knowing the
+final error) could add to a shared schedule, one part of the per-output search's lead (``schedule_search``
+chooses both per output).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main() -> None:
     parser = held_out_parser(__doc__)
     parser.add_argument("--seed", type=int, default=None,
                         help="score the sweep's held-out prompts at seeds SEED, SEED+1, ... instead of its outputs")
+    parser.add_argument("--every-forecast", action="store_true",
+                        help="also run each row under every forecast the sampler runs, and the per-output best of them")
     parser.add_argument("files", nargs="+", type=Path, help="coefficients files fitted for --model")
     args = parser.parse_args()
     rows = {path: searched_schedules(path) for path in args.files}
@@ -55,8 +62,22 @@ def main() -> None:
                 cell += f" ({mean:+.2f} +- {se:.2f})"
             cells.append(cell)
         print(f"  {path}: " + "  ".join(cells))
+        if args.every_forecast:
+            print_every_forecast(setup, work, schedules, psnr)
         if not first:
             first = {k: p for k, (_, p) in by_steps.items()}
+
+
+def print_every_forecast(setup, work, schedules, psnr) -> None:
+    """Per row: the mean PSNR under each forecast the sampler runs, and the mean of the per-output best."""
+    from calibrate.schedule_search import resolve_forecasts
+
+    forecasts = resolve_forecasts("auto", setup.model.pipe.scheduler, "forecasts")
+    by_forecast = {f: schedule_psnrs(setup, work, [(steps, f) for steps, _ in schedules]) for f in forecasts}
+    for j, (steps, own) in enumerate(schedules):
+        every = np.stack([by_forecast[f][:, j] for f in forecasts])  # [forecast, output]
+        cells = "  ".join(f"{f} {every[i].mean():.2f}" for i, f in enumerate(forecasts))
+        print(f"    {len(steps)} steps ({own} {psnr[:, j].mean():.2f}): {cells}  best per output {every.max(0).mean():.2f}")
 
 
 if __name__ == "__main__":
