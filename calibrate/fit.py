@@ -716,6 +716,12 @@ def run_fit(cfg: DictConfig) -> Path:
     if cfg.out:  # an out= that cannot be written is refused before the traces are even read
         _check_outputs(Path(cfg.out), cfg.plot)
     traces = load_traces(traces_spec(cfg.traces))
+    if search.pairs and len(traces.experts) > 1:
+        raise FitError(
+            f"search={search.pairs}: a searched schedule counts the steps of one transformer, but these traces come from "
+            f"{len(traces.experts)} experts ({', '.join(traces.experts)}, Wan2.2), each counting its own; fit without it "
+            "(search=0) and serve with rule teacache."
+        )
     if traces.duplicates:
         log.info("skipped %d trajectories found in more than one file", traces.duplicates)
     out = Path(cfg.out) if cfg.out else Path("coefficients") / f"{traces.model}.json"

@@ -12,6 +12,8 @@ from torch import nn
 from .coefficients import Coefficients, available_names, coefficients_dir, load_coefficients
 from .decision import DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
+from .forecasts import BranchHistories
+from .settings import SCHEDULE_RULES
 from .controlnet import refuse_controlnet_pipeline
 from .hooks import TeaCacheConfig, apply_teacache, mark_steps, remove_teacache, reset_teacache, run_before, states_of
 from .stats import BranchStats, CacheStats
@@ -43,6 +45,7 @@ class TeaCache:
         self.rule = self._rule_for(coefficients)
         self._stats: dict[str, CacheStats] = {}
         self._applied: dict[str, nn.Module] = {}  # expert attribute name -> transformer
+        self._histories: BranchHistories | None = None  # two experts: each branch's output history, shared
         self._unwrap_scheduler: list[Callable[[], None]] = []
 
     def _rule_for(self, coefficients: Coefficients) -> DecisionRule:
@@ -105,6 +108,11 @@ class TeaCache:
         if self._applied:
             raise TeaCacheError("this TeaCache is already applied; call .remove() before applying it again.")
         experts, scheduler, pipe = _unpack(pipe_or_transformer)
+        if len(experts) > 1 and self.rule.rule in SCHEDULE_RULES:
+            raise ConfigError(
+                f"rule {self.rule.rule} computes a schedule of one transformer's steps, but this pipeline has "
+                f"{len(experts)} experts ({', '.join(experts)}), each counting its own; use rule='teacache' with it."
+            )
         for transformer in experts.values():
             self._check_class(transformer)
         refuse_controlnet_pipeline(pipe_or_transformer)
@@ -115,6 +123,8 @@ class TeaCache:
                 "polynomial per expert.",
                 self.coefficients.origin, len(experts), ", ".join(experts),
             )
+        # With two experts a branch's output forecasts follow its latent through both (runtime.forecasts).
+        self._histories = BranchHistories() if len(experts) > 1 else None
         for name, transformer in experts.items():
             if name != "transformer" and name in self.coefficients.experts:
                 rule = self._rule_for(self.coefficients.for_expert(name))
@@ -123,7 +133,7 @@ class TeaCache:
             stats = self._stats.setdefault(name, CacheStats())
             steps = _step_counter(name, experts, scheduler, pipe, num_inference_steps)
             try:
-                apply_teacache(transformer, TeaCacheConfig(rule, self.signal, stats, steps, scheduler=scheduler))
+                apply_teacache(transformer, TeaCacheConfig(rule, self.signal, stats, steps, scheduler=scheduler, histories=self._histories))
             except BaseException:
                 self.remove()
                 raise
@@ -151,6 +161,8 @@ class TeaCache:
         """Forget the per-branch state, as a pipeline does after each generation (for bare transformer use)."""
         for transformer in self._applied.values():
             reset_teacache(transformer)
+        if self._histories is not None:
+            self._histories.reset()
 
     @property
     def stats(self) -> dict[str, BranchStats]:

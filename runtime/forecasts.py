@@ -161,7 +161,8 @@ class SamplerWeights:
             raise TeaCacheError(
                 f"output_corrected: this transformer's first call of a generation came after the "
                 f"{type(s).__name__} had run {s.step_index} step(s), so its multistep weights cannot be found (a "
-                "second expert, as in Wan 2.2, starts mid-way); use forecast=output_linear for it."
+                "second expert, as in Wan 2.2, starts mid-way); apply the cache to the pipeline, whose experts then "
+                "share each branch's history, or use forecast=output_linear."
             )
         start = s.begin_index if s.begin_index is not None else 0
         sigmas = s.sigmas
@@ -208,16 +209,41 @@ def with_sample(output: Any, sample: torch.Tensor) -> Any:
     return dataclasses.replace(output, sample=sample) if dataclasses.is_dataclass(output) else type(output)(sample=sample)
 
 
+class BranchHistories:
+    """The :class:`OutputHistory` of each CFG branch, shared by the experts of one pipeline (Wan 2.2's
+    ``transformer`` and ``transformer_2``): a branch's latent runs through both, so its forecasts, and the
+    correction of what they cost, follow it across the switch (a multistep sampler's step after the switch still
+    weighs outputs from before it). Steps are the generation's, not an expert's."""
+
+    def __init__(self) -> None:
+        self._by_branch: dict[str, OutputHistory] = {}
+
+    def at(self, branch: str, step: int) -> "OutputHistory":
+        """``branch``'s history at the generation's ``step`` (a fresh one at step 0: a new generation)."""
+        if step == 0 or branch not in self._by_branch:
+            self._by_branch[branch] = OutputHistory()
+        return self._by_branch[branch]
+
+    def reset(self) -> None:
+        self._by_branch.clear()
+
+
 class OutputHistory:
     """One branch's computed outputs (the last two, as computed) and, for ``output_corrected``, what the
     correction needs, on the outputs' device with nothing read to the host: with Euler, what the skipped calls
     since the last computed one returned, folded into three float32 sums (no skipped output is kept); with a
-    multistep sampler (``weights`` set for the generation), one tensor per gap (:meth:`computed`)."""
+    multistep sampler (``weights`` set for the generation), one tensor per gap (:meth:`computed`).
+
+    Shared by two experts (:class:`BranchHistories`), the forecast extrapolates only through two outputs of the
+    same model (``source``): past the switch it holds the new expert's first output until it has two, since the
+    experts' outputs need not line up. The re-estimate of a gap is an interpolation, across the switch as well."""
 
     def __init__(self, weights: torch.Tensor | None = None) -> None:
         self.weights = weights  # a multistep sampler's W for this generation (SamplerWeights.at_start)
         self.gaps: list[tuple[torch.Tensor, torch.Tensor]] = []  # multistep: (g, u) per gap, see _land
         self.outputs: list[tuple[int, torch.Tensor]] = []  # (step, output as the model computed it), oldest first
+        self.sloped = False  # whether the forecast extrapolates through outputs[-2] (both from one source)
+        self._source: Any = None  # what computed outputs[-1]
         self.skipped_sum: torch.Tensor | None = None  # sum_j dsigma_j v^_j over the skipped calls since outputs[-1]
         self.dsigma_sum: torch.Tensor | float = 0.0  # sum_j dsigma_j
         self.dsigma_moment: torch.Tensor | float = 0.0  # sum_j dsigma_j (j - a)
@@ -228,7 +254,7 @@ class OutputHistory:
         if not self.outputs:
             return None
         a, v_a = self.outputs[-1]
-        if len(self.outputs) >= 2:
+        if self.sloped:
             b, v_b = self.outputs[-2]
             value = v_a + (v_a - v_b) * ((step - a) / (a - b))
         else:
@@ -241,9 +267,9 @@ class OutputHistory:
             self.dsigma_moment = self.dsigma_moment + dsigma * (step - a)
         return value
 
-    def computed(self, step: int, output: torch.Tensor, sigma_step: SigmaStep | None) -> torch.Tensor:
-        """Keep a computed call's output; returns the output the call should return (corrected when
-        ``sigma_step`` (Euler) or ``weights`` (multistep) is given and skipped calls came before it)."""
+    def computed(self, step: int, output: torch.Tensor, sigma_step: SigmaStep | None, source: Any = None) -> torch.Tensor:
+        """Keep a computed call's output (made by ``source``: an expert); returns the output the call should return
+        (corrected when ``sigma_step`` (Euler) or ``weights`` (multistep) is given and skipped calls came before it)."""
         if self.outputs and self.outputs[-1][1].shape != output.shape:
             self.__init__(self.weights)  # a new resolution: nothing before it applies
         result = output
@@ -257,7 +283,9 @@ class OutputHistory:
             v_a, v_k = v_a.float(), output.float()
             redone = v_a * self.dsigma_sum + (v_k - v_a) * (self.dsigma_moment / (step - a))
             result = (v_k + (redone - self.skipped_sum) / here).to(output.dtype)
+        self.sloped = bool(self.outputs) and source == self._source
         self.outputs = [*self.outputs[-1:], (step, output.detach().clone())]
+        self._source = source
         self.skipped_sum, self.dsigma_sum, self.dsigma_moment = None, 0.0, 0.0
         return result
 
@@ -280,7 +308,7 @@ class OutputHistory:
         if step - a > 1:  # a gap ended here
             v_k, v_a = output.float(), v_a.float()
             g = (v_k - v_a) / (step - a)
-            if len(self.outputs) >= 2:
+            if self.sloped:  # the gap's forecasts extrapolated through v_b
                 b, v_b = self.outputs[-2]
                 g = g - (v_a - v_b.float()) / (a - b)
             u = torch.zeros(weights.shape[1], device=weights.device, dtype=weights.dtype)

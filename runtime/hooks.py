@@ -48,7 +48,7 @@ from .coefficients import SIGNALS
 from .decision import FIRST, MAX_SKIPS, NONFINITE, SHAPE_CHANGE, SKIPPED, THRESHOLD, DecisionRule
 from .errors import ConfigError, TeaCacheError, UnsupportedModelError
 from .forecasts import (
-    OUTPUT_FORECASTS, OutputHistory, SamplerWeights, corrects, euler_sigma_step, lands_multistep, refuse_correction, sample_of,
+    OUTPUT_FORECASTS, BranchHistories, OutputHistory, SamplerWeights, corrects, euler_sigma_step, lands_multistep, refuse_correction, sample_of,
     with_sample,
 )
 from .parallel import agree_on_skip, block_local_arguments, context_parallel_group, rel_l1_across
@@ -201,6 +201,7 @@ class TeaCacheState(BaseState):
         self.previous_residual_step = -1
         self.unfinished = False  # a computed call entered the stack and has not stored its residual yet
         self.output_history = OutputHistory()  # output forecasts: the computed outputs (runtime.forecasts)
+        self.step_offset = 0  # with experts sharing histories: the generation's step at this expert's first call
         self.output_template: Any = None  # the last computed output's container (TeaCacheRunner.skip_call)
 
     def reset(self) -> None:
@@ -269,6 +270,7 @@ class TeaCacheRunner:
         signal_change: SignalChange | None = None,
         forecast: Callable[[], str] | None = None,
         scheduler: Any = None,
+        histories: BranchHistories | None = None,
     ) -> None:
         self.transformer = transformer
         self.state_manager = state_manager
@@ -282,6 +284,7 @@ class TeaCacheRunner:
         self.signal_change = signal_change
         self.forecast = forecast
         self.scheduler = scheduler
+        self.histories = histories
         self._sigma_step = euler_sigma_step(scheduler) if scheduler is not None else None
         self._weights = SamplerWeights(scheduler) if self._sigma_step is None and lands_multistep(scheduler) else None
         self._warned_no_step_count = False
@@ -335,6 +338,9 @@ class TeaCacheRunner:
     def _start_generation(self, state: TeaCacheState) -> None:
         # The runtime's own count first (the scheduler's timesteps, or this expert's share of them), which
         # is what this transformer is really called for; else what the pipeline's cache context says.
+        if self.histories is not None:  # this expert's first call is the generation's step_offset-th
+            s = self.scheduler
+            state.step_offset = 0 if s is None or s.step_index is None else s.step_index - (s.begin_index or 0)
         counted = self.num_steps()
         state.num_steps = counted if counted is not None else getattr(self.state_manager.current_context, "num_inference_steps", None)
         if state.num_steps is None and self.rule.final_steps > 0 and not self._warned_no_step_count:
@@ -485,17 +491,21 @@ class TeaCacheRunner:
             return output
         state, step, skipped = decided
         sigma_step = None
-        history: OutputHistory = state.output_history
+        if self.histories is not None:  # experts share each branch's history, by the generation's steps
+            step += state.step_offset
+            history = self.histories.at(self.state_manager.branch, step)
+        else:
+            history = state.output_history
         if kind == "output_corrected":
             if self._sigma_step is None and self._weights is None:
                 raise refuse_correction(self.scheduler, "TeaCache")
             sigma_step = self._sigma_step
-            if self._weights is not None and step == 0:  # a multistep sampler: its weights for this generation
+            if self._weights is not None and (step == 0 or history.weights is None):  # a multistep sampler: this generation's weights
                 history.weights = self._weights.at_start(sample_of(output).device)
         if skipped:
             value = history.forecast(step, sigma_step)
             return output if value is None else with_sample(output, value)
-        result = with_sample(output, history.computed(step, sample_of(output), sigma_step))
+        result = with_sample(output, history.computed(step, sample_of(output), sigma_step, id(self.transformer)))
         if self._skips_whole_calls(kind):  # skip_call's container, sharing the kept output's memory
             state.output_template = with_sample(output, history.outputs[-1][1])
         return result
@@ -526,6 +536,8 @@ class TeaCacheConfig:
     - ``scheduler``: the pipeline's scheduler; ``output_corrected`` needs a ``FlowMatchEulerDiscreteScheduler``,
       a ``UniPCMultistepScheduler``, a ``DEISMultistepScheduler`` or a DPM-Solver one (a multistep sampler's step weighs the
       correction: :mod:`runtime.forecasts`).
+    - ``histories``: each CFG branch's output history, shared with the pipeline's other expert (Wan 2.2:
+      :class:`runtime.forecasts.BranchHistories`); None: this transformer keeps its own.
     """
 
     rule: DecisionRule
@@ -535,6 +547,7 @@ class TeaCacheConfig:
     signal_change: SignalChange | None = None
     forecast: Callable[[], str] | None = None
     scheduler: Any = None
+    histories: BranchHistories | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rule, DecisionRule):
@@ -572,7 +585,8 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig) -> TeaCacheRu
     source = adapter.signal_source(transformer, signal)
     manager = BranchStates(TeaCacheState)
     runner = TeaCacheRunner(
-        transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change, forecast, config.scheduler
+        transformer, manager, rule, adapter, signal, source, layouts, stats, num_steps, signal_change, forecast, config.scheduler,
+        config.histories,
     )
 
     existed = hasattr(transformer, "_diffusers_hook")

@@ -15,7 +15,8 @@ from calibrate.record import record
 from calibrate.tiny import TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from calibrate.traces import load_traces
 from runtime import Coefficients, DecisionDefaults, TeaCache, load_coefficients
-from runtime.errors import CoefficientsError
+from calibrate.fitting import FitError
+from runtime.errors import CoefficientsError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,15 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
     assert "teacache_drift" not in coefficients.rules and "teacache_joint" in coefficients.rules
     with pytest.raises(CoefficientsError, match="teacache_drift"):
         TeaCache.from_coefficients(out, rule="teacache_drift")
+    # a schedule counts one transformer's steps: searching one, or serving one, on two experts is refused by name
+    before = Path(out).read_bytes()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(FitError, match=r"search=2: .* 2 experts \(transformer, transformer_2, Wan2.2\).*search=0"):
+            run_fit(compose("fit", [f"traces={traces_path}", f"out={out}", "plot=false", "degree=2", "search=2"]))
+    assert Path(out).read_bytes() == before
+    with pytest.raises(ConfigError, match="rule fixed_schedule .* 2 experts .*use rule='teacache'"):
+        TeaCache.from_coefficients(out, rule="fixed_schedule").apply(pipe)
+    assert not hasattr(pipe.transformer, "_diffusers_hook") or pipe.transformer._diffusers_hook.get_hook("teacache") is None
 
 
 def test_a_file_fitted_through_another_pipeline_warns(caplog):
@@ -152,3 +162,91 @@ def test_an_edit_hub_config_needs_its_input_images_before_loading(tmp_path):
     cfg.model.edit_images = str(tmp_path)
     with pytest.raises(ModelLoadError, match="holds no png, jpg or webp images"):
         load_model(cfg.model, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_output_corrected_lands_the_latents_through_both_experts(pipe, sampler, monkeypatch):
+    """The experts share each branch's output history. The high-noise expert skips its last two steps (a gap across
+    the switch, closed by the low-noise expert's first call), the low-noise one every other step; with Wan's UniPC
+    (swapped in) the steps after the switch still weigh outputs from before it. After every computed step the
+    latent the pipeline hands the next call equals the one a fresh scheduler reaches when fed the target outputs:
+    computed ones as the experts computed them, skipped ones on the line between the computed ones either side,
+    CFG-combined. output_linear's latents are not there."""
+    import copy
+
+    from diffusers import UniPCMultistepScheduler
+
+    if sampler == "unipc":
+        monkeypatch.setattr(pipe, "scheduler", UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+    experts = (pipe.transformer, pipe.transformer_2)
+    recipe = TINY_RECIPES["wan22"]
+    steps, guidance = recipe["num_inference_steps"], recipe["guidance_scale"]
+    # p = 0 on the high-noise expert (it skips all but its first step), 0.6 against 1.0 on the low-noise one (every other)
+    coefficients = two_polynomials((0.0,), (0.6,))
+    gaps = {}
+    for forecast in ("output_linear", "output_corrected"):
+        raw, inputs = [], []
+        for transformer in experts:
+            def recording(*args, _forward=transformer.forward, **kw):
+                inputs.append(kw["hidden_states"].detach().double().clone())
+                out = _forward(*args, **kw)
+                raw.append(out[0].detach().double().clone())
+                return out
+
+            transformer.forward = recording  # under the cache's hooks: what the model itself returned
+        try:
+            with TeaCache.from_coefficients(coefficients, forecast=forecast, final_steps=0).apply(pipe) as cache:
+                final = generate(pipe)
+        finally:
+            for transformer in experts:
+                transformer.__dict__.pop("forward", None)
+        stats = cache.stats
+        computed = [r.computed for r in stats["transformer/cond"].trace] + [r.computed for r in stats["transformer_2/cond"].trace]
+        assert computed == [r.computed for r in stats["transformer/uncond"].trace + stats["transformer_2/uncond"].trace]
+        schedule = [s for s, c in enumerate(computed) if c]
+        high = len(stats["transformer/cond"].trace)
+        assert len(raw) == 2 * steps and 1 <= high < steps - 3 and schedule[:2] == [0, high]  # a gap across the switch
+        targets = []
+        for step in range(steps):
+            branch = []
+            for b in (0, 1):
+                if step in schedule:
+                    branch.append(raw[2 * step + b])
+                else:  # (past the last computed step there is nothing to re-estimate with: not checked)
+                    a = max(s for s in schedule if s < step)
+                    k = min((s for s in schedule if s > step), default=a)
+                    v_a, v_k = raw[2 * a + b], raw[2 * k + b]
+                    branch.append(v_a + (v_k - v_a) * ((step - a) / (k - a) if k > a else 0.0))
+            cond, uncond = branch
+            targets.append(uncond + guidance * (cond - uncond))
+        replay = copy.deepcopy(pipe.scheduler)
+        replay.set_timesteps(steps)
+        latent, errors = inputs[0], []
+        for step in range(steps):
+            latent = type(replay).step(replay, targets[step], replay.timesteps[step], latent, return_dict=False)[0]
+            if step in schedule:
+                after = inputs[2 * (step + 1)] if step + 1 < steps else final.double()
+                errors.append(float((latent - after).abs().max() / after.abs().max()))
+        gaps[forecast] = errors[:-1] if schedule[-1] < steps - 1 else errors
+    assert max(gaps["output_corrected"]) < 1e-5, gaps
+    assert max(gaps["output_linear"]) > 1e-3, gaps
+
+
+def test_a_shared_history_extrapolates_only_through_one_experts_outputs():
+    """Past the switch the forecast holds the new expert's first output until that expert has computed two (the
+    experts' outputs need not line up); within an expert it is the line through its last two. A new generation
+    (step 0) starts each branch afresh."""
+    from runtime.forecasts import BranchHistories
+
+    histories = BranchHistories()
+    v = {s: torch.full((2,), float(s * s)) for s in range(8)}  # a curved path: any line through two points misses it
+    history = histories.at("cond", 0)
+    history.computed(0, v[0], None, "transformer")
+    history.computed(1, v[1], None, "transformer")
+    assert torch.equal(history.forecast(2, None), v[1] + (v[1] - v[0]))
+    assert histories.at("cond", 3) is history and histories.at("uncond", 3) is not history
+    history.computed(3, v[3], None, "transformer_2")
+    assert torch.equal(history.forecast(4, None), v[3])  # not the line through step 1's output
+    history.computed(5, v[5], None, "transformer_2")
+    assert torch.equal(history.forecast(6, None), v[5] + (v[5] - v[3]) * 0.5)
+    assert histories.at("cond", 0) is not history and histories.at("cond", 0).outputs == []
