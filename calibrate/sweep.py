@@ -284,6 +284,13 @@ def taylorseer_identifiers(transformer: torch.nn.Module) -> list[str]:
     return [rf"{re.escape(name)}\.\d+\.attn\d*" for name in adapter_for(transformer).block_lists]
 
 
+def two_experts_refused(what: str, experts) -> str:
+    return (
+        f"{what} {len(experts)} experts ({', '.join(experts)}, Wan2.2), but the sweep hooks one transformer (its "
+        "forced schedules, peers, traces and timing would see the first expert alone); sweep a one-transformer model."
+    )
+
+
 def run_sweep(cfg: DictConfig) -> Path:
     from .traces import check_output
 
@@ -293,6 +300,8 @@ def run_sweep(cfg: DictConfig) -> Path:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}; pass a positive count, e.g. {name}=1.")
     check_output(Path(str(cfg.out)), folder=True, error=ConfigError)
     coefficients = load_coefficients(cfg.coefficients)
+    if coefficients.experts:
+        raise ConfigError(two_experts_refused(f"{coefficients.origin} holds polynomials for", coefficients.expert_names))
     recipe = Recipe.from_config(cfg)
     if recipe.for_coefficients() != {k: v for k, v in coefficients.recipe.items() if k != "pipeline"}:
         log.warning("the sweep's recipe %s differs from the one %s was fitted for", recipe, coefficients.origin)
@@ -310,6 +319,8 @@ def run_sweep(cfg: DictConfig) -> Path:
 
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
+    if getattr(model.pipe, "transformer_2", None) is not None:
+        raise ConfigError(two_experts_refused(f"model={cfg.model.name} has", ("transformer", "transformer_2")))
 
     settings: list[tuple[str, float | None]] = [("full", None)]
     extras: dict[str, Any] = {

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from calibrate.fit import run_fit
 from calibrate.record import record
+from calibrate.sweep import run_sweep
 from calibrate.tiny import TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from calibrate.traces import load_traces
 from runtime import Coefficients, DecisionDefaults, TeaCache, load_coefficients
@@ -117,6 +118,9 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
         with pytest.raises(FitError, match=r"search=2: .* 2 experts \(transformer, transformer_2, Wan2.2\).*search=0"):
             run_fit(compose("fit", [f"traces={traces_path}", f"out={out}", "plot=false", "degree=2", "search=2"]))
     assert Path(out).read_bytes() == before
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(ConfigError, match=r"holds polynomials for 2 experts .* the sweep hooks one transformer"):
+            run_sweep(compose("sweep", ["model=tiny_wan22", f"coefficients={out}", "limit=1", "methods=[uniform]", f"out={tmp_path / 's'}"]))
     with pytest.raises(ConfigError, match="rule fixed_schedule .* 2 experts .*use rule='teacache'"):
         TeaCache.from_coefficients(out, rule="fixed_schedule").apply(pipe)
     assert not hasattr(pipe.transformer, "_diffusers_hook") or pipe.transformer._diffusers_hook.get_hook("teacache") is None
