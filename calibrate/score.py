@@ -332,6 +332,23 @@ def plot_score(path: Path, c: "Coefficients", report: dict[str, Any]) -> Path:
     return path
 
 
+def one_expert(c: "Coefficients", traces: "TraceSet", expert: str | None) -> tuple["Coefficients", "TraceSet"]:
+    """The file and the traces as one expert of a two-expert pipeline (Wan2.2) sees them: that expert's trajectories,
+    and its own polynomial (a one-polynomial file serves every expert, as in the runtime). Traces of one transformer
+    pass as they are."""
+    experts = traces.experts
+    if expert in (None, ""):
+        if len(experts) > 1:
+            raise ScoreError(
+                f"{traces.files[0]} holds traces of {len(experts)} experts ({', '.join(experts)}), each with its own "
+                f"polynomial; score one at a time: expert={experts[0]} or expert={experts[1]}."
+            )
+        return c, traces
+    if expert not in experts:
+        raise ScoreError(f"expert={expert}: the traces hold {', '.join(experts)}; pass one of them.")
+    return (c.for_expert(expert) if c.experts else c), traces.of_expert(expert)
+
+
 def run_score(cfg) -> dict[str, Any]:
     """The CLI's work: arguments and files first, then the runtime (torch), the score, the JSON and the PNG."""
     if cfg.coefficients in (None, ""):
@@ -354,7 +371,9 @@ def run_score(cfg) -> dict[str, Any]:
     expand_paths(spec)  # a missing trace file is named before anything loads
     c = load_coefficients(str(cfg.coefficients))
     traces = load_traces(spec)
-    report = score(c, traces, settings)
+    expert = cfg.get("expert") or None
+    c, traces = one_expert(c, traces, expert)
+    report = {**score(c, traces, settings), "expert": expert}
     out = Path(str(cfg.out)) if cfg.out else Path(f"score_{c.model}_{Path(traces.files[0]).stem}.png")
     if out.suffix.lower() != ".png":
         raise ScoreError(f"out={out} must name a .png file (the JSON report is written beside it).")
@@ -369,8 +388,9 @@ def run_score(cfg) -> dict[str, Any]:
 def _print(report: dict[str, Any], out: Path, plotted: bool) -> None:
     pct = lambda v: "n/a (the file states no x_range)" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [
-        f"{report['model']} ({report['transformer_class']}, signal {report['signal']}) on {report['trajectories']} trajectories "
-        f"of {', '.join(report['traces'])}",
+        f"{report['model']} ({report['transformer_class']}, signal {report['signal']}"
+        + (f", expert {report['expert']}" if report.get("expert") else "")
+        + f") on {report['trajectories']} trajectories of {', '.join(report['traces'])}",
         f"  decision-step R² {_fmt(report['r2_decision'])} (raw polynomial, as other ports evaluate it: "
         f"{_fmt(report['r2_decision_raw_polynomial'])}; all steps: {_fmt(report['r2_all_steps'])}) on {report['decision_points']} points; "
         f"a fresh plain fit of the same degree: {_fmt(report['r2_fresh_fit'])}",

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from calibrate.fit import run_fit
 from calibrate.record import record
+from calibrate.score import ScoreError, run_score
 from calibrate.sweep import run_sweep
 from calibrate.tiny import TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from calibrate.traces import load_traces
@@ -118,6 +119,18 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
         with pytest.raises(FitError, match=r"search=2: .* 2 experts \(transformer, transformer_2, Wan2.2\).*search=0"):
             run_fit(compose("fit", [f"traces={traces_path}", f"out={out}", "plot=false", "degree=2", "search=2"]))
     assert Path(out).read_bytes() == before
+    # the score reads one expert at a time, against that expert's own polynomial
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(ScoreError, match="2 experts .*score one at a time: expert=transformer or expert=transformer_2"):
+            run_score(compose("score", [f"coefficients={out}", f"traces={traces_path}", "plot=false", f"out={tmp_path / 'a.png'}"]))
+        reports = {name: run_score(compose("score", [f"coefficients={out}", f"traces={traces_path}", "plot=false",
+                                                     f"out={tmp_path / 'b.png'}", f"expert={name}"]))
+                   for name in ("transformer", "transformer_2")}
+    for name, report in reports.items():
+        own = coefficients.for_expert(name)
+        assert report["expert"] == name and report["trajectories"] == len(traces.of_expert(name).trajectories)
+        assert report["x_range"] == list(own.x_range)  # the expert's own polynomial (the two ranges differ)
+    assert reports["transformer"]["x_range"] != reports["transformer_2"]["x_range"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         with pytest.raises(ConfigError, match=r"holds polynomials for 2 experts .* the sweep hooks one transformer"):
             run_sweep(compose("sweep", ["model=tiny_wan22", f"coefficients={out}", "limit=1", "methods=[uniform]", f"out={tmp_path / 's'}"]))
