@@ -569,14 +569,16 @@ def searched_variant(
     """The ``searched_schedule`` rule: at each budget, the one schedule (both CFG branches alike) whose real
     generations on training prompt x seed pairs come closest to full compute (mean of log MSE over the pairs,
     so each pair counts alike), found by :func:`calibrate.schedule_search.search_schedules` as the per-output
-    bound is. Step 0 is in every schedule; the search decides every other step, the last included (the rule
-    has no warm-up or final steps of its own). In the file: one threshold row per budget, its
+    bound is. Step 0 is in every schedule (and, with two experts, the second one's first step: one schedule spans
+    the generation's steps); the search decides every other step, the last included (the rule has no warm-up or
+    final steps of its own). In the file: one threshold row per budget, its
     ``rel_l1_thresh`` the fraction of steps skipped, and the schedule beside it; the default is the row
     ``speedup`` picks."""
-    from .schedule_search import computed_steps, resolve_forecasts, schedule_errors, search_each_forecast
+    from .schedule_search import computed_steps, fixed_steps, resolve_forecasts, schedule_errors, search_each_forecast
 
     recipe, n = traces.recipe, traces.recipe.num_inference_steps
-    counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if k < n]
+    fixed = fixed_steps(model.pipe, n)  # step 0, and a second expert's first step (Wan2.2)
+    counts = [k for k in sorted({computed_steps(b, n) for b in search.budgets}, reverse=True) if len(fixed) <= k < n]
     if not counts:
         raise FitError(f"search_budgets {list(search.budgets)} leave nothing to skip of {n} steps; pass smaller budgets.")
     pairs = training_pairs(traces, coefficients, search.pairs, search.seed)
@@ -593,7 +595,7 @@ def searched_variant(
 
     # one search per forecast; per budget the better schedule is kept
     forecasts = resolve_forecasts(search.forecasts, model.pipe.scheduler, "search_forecasts", FitError)
-    search_result = search_each_forecast(objective, forecasts, n, counts, passes=search.passes, radius=search.radius)
+    search_result = search_each_forecast(objective, forecasts, n, counts, passes=search.passes, radius=search.radius, fixed=fixed)
     results, best = search_result.results, search_result.forecasts
     evaluations, seconds = search_result.cost.evaluations, search_result.cost.seconds
     order = sorted(results, reverse=True)  # most steps first: thresholds increase
@@ -716,12 +718,6 @@ def run_fit(cfg: DictConfig) -> Path:
     if cfg.out:  # an out= that cannot be written is refused before the traces are even read
         _check_outputs(Path(cfg.out), cfg.plot)
     traces = load_traces(traces_spec(cfg.traces))
-    if search.pairs and len(traces.experts) > 1:
-        raise FitError(
-            f"search={search.pairs}: a searched schedule counts the steps of one transformer, but these traces come from "
-            f"{len(traces.experts)} experts ({', '.join(traces.experts)}, Wan2.2), each counting its own; fit without it "
-            "(search=0) and serve with rule teacache."
-        )
     if traces.duplicates:
         log.info("skipped %d trajectories found in more than one file", traces.duplicates)
     out = Path(cfg.out) if cfg.out else Path("coefficients") / f"{traces.model}.json"

@@ -4,7 +4,8 @@ A *schedule* is the set of step indices (per CFG branch, ``0 .. num_steps - 1``)
 runs; at every other step the runtime adds the cached residual, exactly as TeaCache does when it skips
 (``forecast="reuse"``), or its linear extrapolation from the last two computed residuals (``"linear"``), or
 returns a forecast of the whole output (``"output_linear"``, ``"output_corrected"``: :mod:`runtime.forecasts`).
-Step 0 is always in it (nothing is cached before it) and both CFG branches follow the same schedule.
+Step 0 is always in it (nothing is cached before it), and so is the first step of a pipeline's second expert
+(Wan2.2: :func:`fixed_steps`), and both CFG branches follow the same schedule.
 
 The schedule is forced through the runtime itself, not a copy of it: :func:`forced_schedule` hooks
 ``runtime.hooks.apply_teacache`` with the identity polynomial, threshold 0.5 and no forced steps but the
@@ -92,11 +93,42 @@ def uniform_schedule(num_steps: int, computed: int) -> Schedule:
     return frozenset(int(round(i * (num_steps - 1) / (computed - 1))) for i in range(computed))
 
 
+def with_fixed(steps: Schedule, fixed: Schedule, num_steps: int) -> Schedule:
+    """``steps`` with every ``fixed`` step in it, as many steps as before: each missing fixed step takes the place
+    of the nearest step that is not fixed."""
+    steps = set(steps)
+    for f in sorted(fixed):
+        if f in steps:
+            continue
+        free = sorted(s for s in steps if s not in fixed)
+        if free:
+            steps.discard(min(free, key=lambda s: (abs(s - f), s)))
+        steps.add(f)
+    return frozenset(steps)
+
+
+def fixed_steps(pipe: Any, num_steps: int) -> Schedule:
+    """The steps every schedule computes: step 0, and the first step of each expert after the first (Wan2.2's
+    ``transformer_2`` starts where the timesteps fall below ``boundary_ratio``: it has nothing cached before)."""
+    import copy
+
+    second = getattr(pipe, "transformer_2", None)
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if second is None or ratio is None:
+        return frozenset({0})
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(num_steps)
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in scheduler.timesteps if float(t) >= boundary)
+    return frozenset({0, high}) if 0 < high < num_steps else frozenset({0})
+
+
 class ScheduleChange:
     """A ``signal_change`` for ``apply_teacache``: 1.0 (compute) at the schedule's steps, 0.0 (skip) elsewhere.
 
     ``schedule`` is a set of steps, or a callable returning the current one (looked up per output).
-    ``state.step`` is the branch's call index, so both CFG branches follow the same schedule.
+    ``state.step`` is the branch's call index (plus, on a second expert, the generation's step at its first call),
+    so both CFG branches, and both experts, follow the same schedule.
     """
 
     def __init__(self, schedule: Schedule | Callable[[], Schedule]) -> None:
@@ -106,29 +138,39 @@ class ScheduleChange:
         import torch
 
         steps = self.schedule() if callable(self.schedule) else self.schedule
-        return torch.tensor(1.0 if state.step in steps else 0.0, dtype=torch.float32, device=signal.device)
+        step = state.step + state.step_offset
+        return torch.tensor(1.0 if step in steps else 0.0, dtype=torch.float32, device=signal.device)
 
 
 @contextlib.contextmanager
 def forced_schedule(
-    transformer: torch.nn.Module, change: ScheduleChange, num_steps: Callable[[], int | None],
+    transformer: torch.nn.Module | list[torch.nn.Module], change: ScheduleChange, num_steps: Callable[[], int | None],
     forecast: str | Callable[[], str] = "reuse", scheduler: Any = None,
 ) -> Iterator[None]:
     """The runtime's TeaCache hooks on ``transformer``, driven by ``change`` instead of the fitted polynomial; a
     skipped step adds the residual ``forecast`` says (``runtime.settings.FORECASTS``, or a function giving it
-    per output). ``scheduler``: the pipeline's (``output_corrected`` needs it)."""
+    per output). ``scheduler``: the pipeline's (``output_corrected`` needs it). A list of a pipeline's experts
+    (Wan2.2) is hooked as ``TeaCache.apply`` hooks them: they share each branch's output history, and the schedule
+    counts the generation's steps (each expert's first call is computed)."""
     from runtime import DecisionRule
+    from runtime.forecasts import BranchHistories
     from runtime.hooks import TeaCacheConfig, apply_teacache, remove_teacache
     from runtime.stats import CacheStats
 
+    experts = transformer if isinstance(transformer, list) else [transformer]
+    histories = BranchHistories() if len(experts) > 1 else None
     fixed = forecast if isinstance(forecast, str) else "reuse"
     rule = DecisionRule((1.0, 0.0), None, rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, max_consecutive_skips=None, forecast=fixed)
     provider = None if isinstance(forecast, str) else forecast
-    apply_teacache(transformer, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change, provider, scheduler))
+    hooked = []
     try:
+        for expert in experts:
+            apply_teacache(expert, TeaCacheConfig(rule, "modulated_input", CacheStats(), num_steps, change, provider, scheduler, histories))
+            hooked.append(expert)
         yield
     finally:
-        remove_teacache(transformer)
+        for expert in hooked:
+            remove_teacache(expert)
 
 
 @contextlib.contextmanager
@@ -153,8 +195,11 @@ def schedule_errors(
         current["steps"] = steps
         return [float(np.mean((output(p, s) - full) ** 2)) for (p, s), full in zip(pairs, fulls)]
 
+    from runtime.cache import pipeline_experts
+
     scheduler = model.pipe.scheduler
-    with forced_schedule(model.transformer, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps), forecast, scheduler):
+    experts = list(pipeline_experts(model.pipe).values())
+    with forced_schedule(experts, ScheduleChange(lambda: current["steps"]), lambda: len(scheduler.timesteps), forecast, scheduler):
         yield mse
 
 
@@ -184,22 +229,25 @@ def _moves_of(s: int, steps: Schedule, num_steps: int, radius: int) -> Iterator[
                 yield (steps - {s}) | {t}
 
 
-def greedy_eliminate(error: Callable[[Schedule], float], steps: Schedule, computed: int) -> Schedule:
-    """Drop, one at a time, the step whose removal hurts the final output least, down to ``computed`` steps."""
+def greedy_eliminate(error: Callable[[Schedule], float], steps: Schedule, computed: int, fixed: Schedule = frozenset({0})) -> Schedule:
+    """Drop, one at a time, the step whose removal hurts the final output least (never a ``fixed`` one), down to
+    ``computed`` steps."""
     while len(steps) > computed:
-        steps = min((steps - {s} for s in sorted(steps - {0})), key=error)
+        steps = min((steps - {s} for s in sorted(steps - fixed)), key=error)
     return steps
 
 
 def local_search(
-    error: Callable[[Schedule], float], steps: Schedule, num_steps: int, passes: int, radius: int
+    error: Callable[[Schedule], float], steps: Schedule, num_steps: int, passes: int, radius: int,
+    fixed: Schedule = frozenset({0}),
 ) -> tuple[Schedule, float]:
-    """First-improvement moves: in a pass, each computed step but 0 in turn is moved to the nearest free step
-    (at most ``radius`` away) that lowers the error, if any; at most ``passes`` passes, fewer when one changes nothing."""
+    """First-improvement moves: in a pass, each computed step but the ``fixed`` ones (step 0) in turn is moved to
+    the nearest free step (at most ``radius`` away) that lowers the error, if any; at most ``passes`` passes, fewer
+    when one changes nothing."""
     best = error(steps)
     for _ in range(passes):
         improved = False
-        for s in sorted(steps - {0}):
+        for s in sorted(steps - fixed):
             if s not in steps:
                 continue
             for candidate in _moves_of(s, steps, num_steps, radius):
@@ -219,9 +267,11 @@ def search_schedules(
     passes: int = 2,
     radius: int = 2,
     greedy: bool = True,
+    fixed: Schedule = frozenset({0}),
 ) -> tuple[dict[int, SearchResult], SearchCost]:
-    """The search for one output at each budget (steps computed); ``generate_error(schedule)`` runs a real
-    generation under that schedule and returns its error against full compute."""
+    """The search for one output at each budget (steps computed, at least ``len(fixed)``); ``generate_error(schedule)``
+    runs a real generation under that schedule and returns its error against full compute. Every schedule holds
+    the ``fixed`` steps (:func:`fixed_steps`)."""
     cache: dict[Schedule, float] = {}
     cost = SearchCost()
     start_time = time.perf_counter()
@@ -239,13 +289,13 @@ def search_schedules(
     previous: Schedule | None = frozenset(range(num_steps)) if greedy else None
     for computed in sorted(set(budgets), reverse=True):
         before = cost.evaluations
-        uniform = uniform_schedule(num_steps, computed)
+        uniform = with_fixed(uniform_schedule(num_steps, computed), fixed, num_steps)
         start, start_name = uniform, "uniform"
         if greedy and previous is not None and len(previous) > computed:
-            thinned = greedy_eliminate(error, previous, computed)
+            thinned = greedy_eliminate(error, previous, computed, fixed)
             if error(thinned) < error(uniform):
                 start, start_name = thinned, "greedy"
-        steps, value = local_search(error, start, num_steps, passes, radius)
+        steps, value = local_search(error, start, num_steps, passes, radius, fixed)
         results[computed] = SearchResult(computed, steps, value, error(uniform), start_name)
         cost.per_budget[computed] = cost.evaluations - before
         previous = steps
@@ -272,6 +322,7 @@ def search_each_forecast(
     passes: int = 2,
     radius: int = 2,
     greedy: bool = True,
+    fixed: Schedule = frozenset({0}),
 ) -> ForecastSearch:
     """``objective(forecast)`` is a context in which generations skip with that forecast and which yields the
     error of a schedule; one search per forecast, and per budget the forecast whose schedule errs least."""
@@ -279,7 +330,7 @@ def search_each_forecast(
     cost = SearchCost()
     for forecast in forecasts:
         with objective(forecast) as error:
-            by_forecast[forecast], own = search_schedules(error, num_steps, budgets, passes, radius, greedy)
+            by_forecast[forecast], own = search_schedules(error, num_steps, budgets, passes, radius, greedy, fixed)
         cost.evaluations += own.evaluations
         cost.seconds += own.seconds
         for k, count in own.per_budget.items():

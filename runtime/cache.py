@@ -108,10 +108,11 @@ class TeaCache:
         if self._applied:
             raise TeaCacheError("this TeaCache is already applied; call .remove() before applying it again.")
         experts, scheduler, pipe = _unpack(pipe_or_transformer)
-        if len(experts) > 1 and self.rule.rule in SCHEDULE_RULES:
+        if len(experts) > 1 and self.rule.rule == "fixed_schedule":
             raise ConfigError(
-                f"rule {self.rule.rule} computes a schedule of one transformer's steps, but this pipeline has "
-                f"{len(experts)} experts ({', '.join(experts)}), each counting its own; use rule='teacache' with it."
+                f"rule fixed_schedule computes a schedule of one transformer's steps, but this pipeline has "
+                f"{len(experts)} experts ({', '.join(experts)}), each counting its own; use rule='searched_schedule' "
+                "(searched over the generation's steps: calibrate.fit search=N) or rule='teacache' with it."
             )
         for transformer in experts.values():
             self._check_class(transformer)
@@ -126,8 +127,8 @@ class TeaCache:
         # With two experts a branch's output forecasts follow its latent through both (runtime.forecasts).
         self._histories = BranchHistories() if len(experts) > 1 else None
         for name, transformer in experts.items():
-            if name != "transformer" and name in self.coefficients.experts:
-                rule = self._rule_for(self.coefficients.for_expert(name))
+            if name != "transformer" and name in self.coefficients.experts and self.rule.rule not in SCHEDULE_RULES:
+                rule = self._rule_for(self.coefficients.for_expert(name))  # (one schedule spans both experts)
             else:
                 rule = self.rule
             stats = self._stats.setdefault(name, CacheStats())

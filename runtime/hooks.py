@@ -388,7 +388,7 @@ class TeaCacheRunner:
             return None
         state = self._enter_call()
         template = state.output_template
-        if template is None or not rule.scheduled_skip(state.step) or self._forced_reason(state) is not None:
+        if template is None or not rule.scheduled_skip(self._rule_step(state)[0]) or self._forced_reason(state) is not None:
             self._entered = state
             return None
         nan = float("nan")
@@ -430,7 +430,7 @@ class TeaCacheRunner:
         if state.accumulator is None:
             state.accumulator = torch.zeros((), dtype=torch.float32, device=signal.device)
 
-        p, candidate, skip, state.accumulator = self.rule.accumulate(x, state.accumulator, reason is not None, state.step)
+        p, candidate, skip, state.accumulator = self.rule.accumulate(x, state.accumulator, reason is not None, self._rule_step(state)[0])
         leader = self._joint.get(state.step) if self.rule.rule == "teacache_joint" else None
         if leader is not None and leader[0] != manager.branch:
             # teacache_joint: this step's first branch decided for every branch of the step
@@ -468,10 +468,22 @@ class TeaCacheRunner:
     def _forced_reason(self, state: TeaCacheState) -> str | None:
         """Why this call of ``state`` must be computed whatever the rule says (the schedule's forced steps, the cap
         on skips in a row), or None."""
-        reason = self.rule.scheduled_reason(state.step, state.num_steps)
+        reason = self.rule.scheduled_reason(*self._rule_step(state))
+        if reason is None and state.step == 0:  # an expert's first call (Wan2.2's second starts mid-generation)
+            reason = FIRST
         if reason is None and self.rule.cap_reached(state.consecutive_skips):
             reason = MAX_SKIPS
         return reason
+
+    def _rule_step(self, state: TeaCacheState) -> tuple[int, int | None]:
+        """The step and step count the rule counts: this transformer's own calls; but a schedule rule on a pipeline
+        whose experts share the generation (Wan2.2: ``histories`` set) counts the generation's steps, so that one
+        schedule spans both experts."""
+        if self.histories is None or self.rule.rule not in SCHEDULE_RULES:
+            return state.step, state.num_steps
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        total = None if timesteps is None else len(timesteps) - (self.scheduler.begin_index or 0)
+        return state.step_offset + state.step, total
 
     def _forecast_kind(self) -> str:
         return self.forecast() if self.forecast is not None else self.rule.forecast

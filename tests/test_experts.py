@@ -17,7 +17,6 @@ from calibrate.sweep import run_sweep
 from calibrate.tiny import TINY_RECIPES, build_tiny_pipeline, tiny_prompt_embeds
 from calibrate.traces import load_traces
 from runtime import Coefficients, DecisionDefaults, TeaCache, load_coefficients
-from calibrate.fitting import FitError
 from runtime.errors import CoefficientsError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,12 +112,6 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
     assert "teacache_drift" not in coefficients.rules and "teacache_joint" in coefficients.rules
     with pytest.raises(CoefficientsError, match="teacache_drift"):
         TeaCache.from_coefficients(out, rule="teacache_drift")
-    # a schedule counts one transformer's steps: searching one, or serving one, on two experts is refused by name
-    before = Path(out).read_bytes()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        with pytest.raises(FitError, match=r"search=2: .* 2 experts \(transformer, transformer_2, Wan2.2\).*search=0"):
-            run_fit(compose("fit", [f"traces={traces_path}", f"out={out}", "plot=false", "degree=2", "search=2"]))
-    assert Path(out).read_bytes() == before
     # the score reads one expert at a time, against that expert's own polynomial
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         with pytest.raises(ScoreError, match="2 experts .*score one at a time: expert=transformer or expert=transformer_2"):
@@ -134,7 +127,8 @@ def test_record_fit_and_serve_a_two_expert_pipeline(tmp_path, pipe):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         with pytest.raises(ConfigError, match=r"holds polynomials for 2 experts .* the sweep hooks one transformer"):
             run_sweep(compose("sweep", ["model=tiny_wan22", f"coefficients={out}", "limit=1", "methods=[uniform]", f"out={tmp_path / 's'}"]))
-    with pytest.raises(ConfigError, match="rule fixed_schedule .* 2 experts .*use rule='teacache'"):
+    # the fixed schedule counts one transformer's steps (from the first expert's traces): refused by name
+    with pytest.raises(ConfigError, match="rule fixed_schedule .* 2 experts .*rule='searched_schedule'"):
         TeaCache.from_coefficients(out, rule="fixed_schedule").apply(pipe)
     assert not hasattr(pipe.transformer, "_diffusers_hook") or pipe.transformer._diffusers_hook.get_hook("teacache") is None
 
@@ -267,3 +261,54 @@ def test_a_shared_history_extrapolates_only_through_one_experts_outputs():
     history.computed(5, v[5], None, "transformer_2")
     assert torch.equal(history.forecast(6, None), v[5] + (v[5] - v[3]) * 0.5)
     assert histories.at("cond", 0) is not history and histories.at("cond", 0).outputs == []
+
+
+def test_a_searched_schedule_spans_both_experts(tmp_path, pipe):
+    """calibrate.fit search=N on a two-expert pipeline searches schedules over the generation's steps, each holding
+    step 0 and the second expert's first step (it has nothing cached before); the runtime computes exactly those
+    steps across the two experts, and the closed loop realizes the table's fractions."""
+    from calibrate.schedule_search import fixed_steps
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        traces_path = record(compose("record", ["model=tiny_wan22", "limit=4", "seeds=[0,1]", f"out={tmp_path / 't.h5'}", "device=cpu"]))
+        out = run_fit(compose("fit", [
+            f"traces={traces_path}", f"out={tmp_path / 'c.json'}", "plot=false", "model=tiny_wan22", "degree=2",
+            "search=1", "search_budgets=[0.3,0.6]", "search_forecasts=[output_corrected]", "closed_loop=1",
+        ]))
+    steps = TINY_RECIPES["wan22"]["num_inference_steps"]
+    fixed = fixed_steps(pipe, steps)
+    assert len(fixed) == 2 and 0 < max(fixed) < steps  # the switch falls inside the generation
+    coefficients = load_coefficients(out)
+    entry = coefficients.rules["searched_schedule"]
+    assert [len(s) for s in entry["schedules"]] == [5, 2] and all(fixed <= set(s) for s in entry["schedules"])
+    assert all(row["realized_fraction"] == row["computed_fraction"] for row in entry["thresholds"])
+    for schedule, row in zip(entry["schedules"], entry["thresholds"]):
+        with TeaCache.from_coefficients(out, rule="searched_schedule", rel_l1_thresh=row["rel_l1_thresh"]).apply(pipe) as cache:
+            generate(pipe)
+        for branch in ("cond", "uncond"):
+            trace = cache.stats[f"transformer/{branch}"].trace + cache.stats[f"transformer_2/{branch}"].trace
+            assert [s for s, r in enumerate(trace) if r.computed] == sorted(schedule)
+
+
+def test_a_forced_schedule_counts_the_generations_steps_across_both_experts(pipe):
+    """What the fit's search generates under: the schedule's steps are the generation's, the second expert's first
+    step (3 here) among them, and both CFG branches of a step compute or skip together. A call computed its block
+    stack when the first block's attention ran."""
+    from calibrate.schedule_search import ScheduleChange, fixed_steps, forced_schedule
+
+    schedule = frozenset({0, 2, 3, 5, 7})
+    assert fixed_steps(pipe, TINY_RECIPES["wan22"]["num_inference_steps"]) == {0, 3}
+    calls, computed = [], set()
+    experts = [pipe.transformer, pipe.transformer_2]
+    handles = [h for t in experts for h in (
+        t.register_forward_pre_hook(lambda module, args: calls.append(len(calls))),
+        t.blocks[0].attn1.register_forward_hook(lambda module, args, out: computed.add(len(calls) - 1)),
+    )]
+    try:
+        with forced_schedule(experts, ScheduleChange(schedule), lambda: len(pipe.scheduler.timesteps), "output_corrected", pipe.scheduler):
+            generate(pipe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 2 * TINY_RECIPES["wan22"]["num_inference_steps"]
+    assert computed == {2 * s + b for s in schedule for b in (0, 1)}
