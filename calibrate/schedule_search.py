@@ -93,7 +93,7 @@ def uniform_schedule(num_steps: int, computed: int) -> Schedule:
     return frozenset(int(round(i * (num_steps - 1) / (computed - 1))) for i in range(computed))
 
 
-def with_fixed(steps: Schedule, fixed: Schedule, num_steps: int) -> Schedule:
+def with_fixed(steps: Schedule, fixed: Schedule) -> Schedule:
     """``steps`` with every ``fixed`` step in it, as many steps as before: each missing fixed step takes the place
     of the nearest step that is not fixed."""
     steps = set(steps)
@@ -289,7 +289,7 @@ def search_schedules(
     previous: Schedule | None = frozenset(range(num_steps)) if greedy else None
     for computed in sorted(set(budgets), reverse=True):
         before = cost.evaluations
-        uniform = with_fixed(uniform_schedule(num_steps, computed), fixed, num_steps)
+        uniform = with_fixed(uniform_schedule(num_steps, computed), fixed)
         start, start_name = uniform, "uniform"
         if greedy and previous is not None and len(previous) > computed:
             thinned = greedy_eliminate(error, previous, computed, fixed)
