@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _landing import reestimated_targets
 from hydra import compose, initialize_config_dir
 
 from calibrate.fit import run_fit
@@ -217,19 +218,7 @@ def test_output_corrected_lands_the_latents_through_both_experts(pipe, sampler, 
         schedule = [s for s, c in enumerate(computed) if c]
         high = len(stats["transformer/cond"].trace)
         assert len(raw) == 2 * steps and 1 <= high < steps - 3 and schedule[:2] == [0, high]  # a gap across the switch
-        targets = []
-        for step in range(steps):
-            branch = []
-            for b in (0, 1):
-                if step in schedule:
-                    branch.append(raw[2 * step + b])
-                else:  # (past the last computed step there is nothing to re-estimate with: not checked)
-                    a = max(s for s in schedule if s < step)
-                    k = min((s for s in schedule if s > step), default=a)
-                    v_a, v_k = raw[2 * a + b], raw[2 * k + b]
-                    branch.append(v_a + (v_k - v_a) * ((step - a) / (k - a) if k > a else 0.0))
-            cond, uncond = branch
-            targets.append(uncond + guidance * (cond - uncond))
+        targets = reestimated_targets(raw, schedule, steps, guidance)  # (past the last computed step: not checked)
         replay = copy.deepcopy(pipe.scheduler)
         replay.set_timesteps(steps)
         latent, errors = inputs[0], []

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _landing import reestimated_targets
 from hydra import compose, initialize_config_dir
 
 from calibrate.fit import run_fit
@@ -217,19 +218,7 @@ def test_output_corrected_lands_multistep_latents_on_the_reestimated_path(video_
         finally:
             transformer.__dict__.pop("forward", None)
         assert len(raw) == 2 * steps
-        targets = []
-        for step in range(steps):
-            branch = []
-            for b in (0, 1):
-                if step in schedule:
-                    branch.append(raw[2 * step + b])
-                else:
-                    a = max(s for s in schedule if s < step)
-                    k = min(s for s in schedule if s > step)
-                    v_a, v_k = raw[2 * a + b], raw[2 * k + b]
-                    branch.append(v_a + (v_k - v_a) * (step - a) / (k - a))
-            cond, uncond = branch
-            targets.append(uncond + guidance * (cond - uncond))
+        targets = reestimated_targets(raw, schedule, steps, guidance)
         replay = copy.deepcopy(scheduler)
         replay.set_timesteps(steps)
         latent, errors = inputs[0], []
