@@ -1,6 +1,7 @@
 """Every ``searched_schedule`` row of one or more coefficients files, scored on a sweep's held-out outputs.
 
-    python bench/searched_rows.py --model reference --outputs 20 [--seed 3000] [--every-forecast] FILE [FILE ...]
+    python bench/searched_rows.py --model reference --outputs 20 [--seed 3000] [--every-forecast]
+                                  [--per-output-schedules K] FILE [FILE ...]
 
 Per file and row (computed steps, forecast): the mean PSNR (dB, each output capped at 100) against full compute
 over the first ``--outputs`` outputs of ``sweep/<model>/sweep.json``, each row run through the runtime with its
@@ -14,6 +15,11 @@ With ``--every-forecast`` each row's schedule also runs under every forecast the
 adds the mean over outputs of the best of them per output: what choosing the forecast per output (knowing the
 final error) could add to a shared schedule, one part of the per-output search's lead (``schedule_search``
 chooses both per output).
+
+With ``--per-output-schedules K`` the schedules the sweep's per-output search found with K computed steps (one per
+sweep output, each with its forecast) also run, as shared schedules, on the same outputs, each beside the first
+file's K-step row (paired difference and standard error): is there a better shared K-step schedule among them? Run
+it with ``--seed`` so that the outputs are not those the schedules were found on.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ def main() -> None:
                         help="score the sweep's held-out prompts at seeds SEED, SEED+1, ... instead of its outputs")
     parser.add_argument("--every-forecast", action="store_true",
                         help="also run each row under every forecast the sampler runs, and the per-output best of them")
+    parser.add_argument("--per-output-schedules", type=int, default=None, metavar="K",
+                        help="also run the sweep's per-output K-step schedules as shared schedules, against the K-step row")
     parser.add_argument("files", nargs="+", type=Path, help="coefficients files fitted for --model")
     args = parser.parse_args()
     rows = {path: searched_schedules(path) for path in args.files}
@@ -66,6 +74,11 @@ def main() -> None:
             print_every_forecast(setup, work, schedules, psnr)
         if not first:
             first = {k: p for k, (_, p) in by_steps.items()}
+    if args.per_output_schedules is not None:
+        k = args.per_output_schedules
+        if k not in first:
+            parser.error(f"--per-output-schedules {k}: {args.files[0]} has no {k}-step row (it has {sorted(first)}).")
+        print_per_output_schedules(setup, work, k, first[k])
 
 
 def print_every_forecast(setup, work, schedules, psnr) -> None:
@@ -78,6 +91,23 @@ def print_every_forecast(setup, work, schedules, psnr) -> None:
         every = np.stack([by_forecast[f][:, j] for f in forecasts])  # [forecast, output]
         cells = "  ".join(f"{f} {every[i].mean():.2f}" for i, f in enumerate(forecasts))
         print(f"    {len(steps)} steps ({own} {psnr[:, j].mean():.2f}): {cells}  best per output {every.max(0).mean():.2f}")
+
+
+def print_per_output_schedules(setup, work, k: int, row: np.ndarray) -> None:
+    """The sweep's per-output ``k``-step schedules (distinct ones) run as shared schedules on ``work``, each beside
+    the file's ``k``-step row (``row``: its PSNR per output)."""
+    found = []
+    for entry in setup.sweep["schedule_search"]["per_output"]:
+        budget = next((b for b in entry["budgets"] if b["computed_steps"] == k), None)
+        if budget is not None and (frozenset(budget["steps"]), budget["forecast"]) not in found:
+            found.append((frozenset(budget["steps"]), budget["forecast"]))
+    if not found:
+        raise SystemExit(f"the sweep's per-output search has no {k}-step schedule; pass one of its budgets' step counts.")
+    psnr = schedule_psnrs(setup, work, found)
+    print(f"  the sweep's {len(found)} per-output {k}-step schedules as shared ones, against the file's row ({row.mean():.2f}):")
+    for j, (steps, forecast) in enumerate(found):
+        mean, se = paired_difference(psnr[:, j], row)
+        print(f"    {sorted(steps)} {forecast} {psnr[:, j].mean():.2f} ({mean:+.2f} +- {se:.2f})")
 
 
 if __name__ == "__main__":
