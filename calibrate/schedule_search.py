@@ -112,15 +112,14 @@ def fixed_steps(pipe: Any, num_steps: int) -> Schedule:
     ``transformer_2`` starts where the timesteps fall below ``boundary_ratio``: it has nothing cached before)."""
     import copy
 
-    second = getattr(pipe, "transformer_2", None)
-    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
-    if second is None or ratio is None:
+    from runtime.cache import high_noise_steps, pipeline_experts
+
+    if len(pipeline_experts(pipe)) < 2:
         return frozenset({0})
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(num_steps)
-    boundary = ratio * scheduler.config.num_train_timesteps
-    high = sum(1 for t in scheduler.timesteps if float(t) >= boundary)
-    return frozenset({0, high}) if 0 < high < num_steps else frozenset({0})
+    high = high_noise_steps(pipe, scheduler)
+    return frozenset({0, high}) if high is not None and 0 < high < num_steps else frozenset({0})
 
 
 class ScheduleChange:

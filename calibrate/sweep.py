@@ -313,14 +313,17 @@ def run_sweep(cfg: DictConfig) -> Path:
     search_cfg = _check_search_settings(cfg, methods, recipe.num_inference_steps)
     import torch  # and diffusers with the models: only now, after the checks above
 
+    from runtime.cache import pipeline_experts
+
     from .metrics import Lpips, Perceptual, psnr, ssim
     from .models import load_model, output_array, resolve_device, resolve_dtype
     from .recorder import TraceRecorder
 
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device, resolve_dtype(cfg.dtype))
-    if getattr(model.pipe, "transformer_2", None) is not None:
-        raise ConfigError(two_experts_refused(f"model={cfg.model.name} has", ("transformer", "transformer_2")))
+    experts = pipeline_experts(model.pipe)
+    if len(experts) > 1:
+        raise ConfigError(two_experts_refused(f"model={cfg.model.name} has", tuple(experts)))
 
     settings: list[tuple[str, float | None]] = [("full", None)]
     extras: dict[str, Any] = {

@@ -254,14 +254,23 @@ def _step_counter(name: str, experts: dict, scheduler: Any, pipe: Any, given: in
             return given
         if len(experts) == 1:
             return len(timesteps)
-        ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
-        if ratio is None:
+        high = high_noise_steps(pipe, scheduler)
+        if high is None:
             return None
-        boundary = ratio * scheduler.config.num_train_timesteps
-        high = sum(1 for t in timesteps if float(t) >= boundary)
         return high if name == "transformer" else len(timesteps) - high
 
     return count
+
+
+def high_noise_steps(pipe: Any, scheduler: Any) -> int | None:
+    """How many of ``scheduler``'s timesteps a two-expert pipeline (Wan2.2) gives its high-noise ``transformer``:
+    those at or above ``boundary_ratio * num_train_timesteps``; ``transformer_2`` runs the rest, from that step on.
+    None when the pipeline has no ``boundary_ratio``."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None:
+        return None
+    boundary = ratio * scheduler.config.num_train_timesteps
+    return sum(1 for t in scheduler.timesteps if float(t) >= boundary)
 
 
 def _names_for_class(class_name: str) -> list[str]:
