@@ -86,11 +86,14 @@ def print_every_forecast(setup, work, schedules, psnr) -> None:
     from calibrate.schedule_search import resolve_forecasts
 
     forecasts = resolve_forecasts("auto", setup.model.pipe.scheduler, "forecasts")
-    by_forecast = {f: schedule_psnrs(setup, work, [(steps, f) for steps, _ in schedules]) for f in forecasts}
+    every = np.stack([psnr] * len(forecasts))  # [forecast, output, row]; each row's own forecast is scored already
+    for i, f in enumerate(forecasts):
+        others = [j for j, (_, own) in enumerate(schedules) if own != f]
+        if others:
+            every[i][:, others] = schedule_psnrs(setup, work, [(schedules[j][0], f) for j in others])
     for j, (steps, own) in enumerate(schedules):
-        every = np.stack([by_forecast[f][:, j] for f in forecasts])  # [forecast, output]
-        cells = "  ".join(f"{f} {every[i].mean():.2f}" for i, f in enumerate(forecasts))
-        print(f"    {len(steps)} steps ({own} {psnr[:, j].mean():.2f}): {cells}  best per output {every.max(0).mean():.2f}")
+        cells = "  ".join(f"{f} {every[i, :, j].mean():.2f}" for i, f in enumerate(forecasts))
+        print(f"    {len(steps)} steps ({own} {psnr[:, j].mean():.2f}): {cells}  best per output {every[:, :, j].max(0).mean():.2f}")
 
 
 def print_per_output_schedules(setup, work, k: int, row: np.ndarray) -> None:
